@@ -1,0 +1,1 @@
+"""Private implementation layer; see docs/design."""
