@@ -4,3 +4,62 @@ For people who build their own engine. This module only re-exports.
 """
 
 from __future__ import annotations
+
+# -- packets (_proto._packets)
+from ._proto._packets import ExpireDirect as ExpireDirect
+from ._proto._packets import ExpireIndirect as ExpireIndirect
+from ._proto._packets import ExpireMultiV4 as ExpireMultiV4
+from ._proto._packets import MissingDirect as MissingDirect
+from ._proto._packets import MissingIndirect as MissingIndirect
+from ._proto._packets import MissingV4 as MissingV4
+from ._proto._packets import Packet as Packet
+from ._proto._packets import PacketError as PacketError
+from ._proto._packets import PacketType as PacketType
+from ._proto._packets import decode_packet as decode_packet
+from ._proto._packets import encode_v4_packet as encode_v4_packet
+from ._proto._packets import encode_v5_packet as encode_v5_packet
+
+# -- /dev/autofs and the legacy ioctls (_sys._autofs)
+from ._sys._autofs import AUTOFS_DEVICE as AUTOFS_DEVICE
+from ._sys._autofs import AUTOFS_SUPER_MAGIC as AUTOFS_SUPER_MAGIC
+from ._sys._autofs import AutofsControl as AutofsControl
+from ._sys._autofs import AutofsType as AutofsType
+from ._sys._autofs import ExpireFlags as ExpireFlags
+from ._sys._autofs import LegacyMountRoot as LegacyMountRoot
+from ._sys._autofs import MountPointStatus as MountPointStatus
+
+# -- ioctl numbers and uapi structs (_sys._ioctl, _sys._uapi)
+from ._sys._ioctl import DevIoctl as DevIoctl
+from ._sys._ioctl import LegacyIoctl as LegacyIoctl
+from ._sys._ioctl import ioc as ioc
+
+# -- mounting (_sys._mount)
+from ._sys._mount import AutofsMode as AutofsMode
+from ._sys._mount import AutofsOptions as AutofsOptions
+from ._sys._mount import FsContext as FsContext
+from ._sys._mount import MountFlags as MountFlags
+from ._sys._mount import UmountFlags as UmountFlags
+from ._sys._mount import mount as mount
+from ._sys._mount import mount_autofs as mount_autofs
+from ._sys._mount import move_mount as move_mount
+from ._sys._mount import umount2 as umount2
+from ._sys._mount import unshare_mount_namespace as unshare_mount_namespace
+
+# -- mountinfo and /proc (_sys._mountinfo)
+from ._sys._mountinfo import AutofsMount as AutofsMount
+from ._sys._mountinfo import MountInfo as MountInfo
+from ._sys._mountinfo import PipeHolder as PipeHolder
+from ._sys._mountinfo import autofs_mounts as autofs_mounts
+from ._sys._mountinfo import find_autofs_mount as find_autofs_mount
+from ._sys._mountinfo import find_pipe_holders as find_pipe_holders
+from ._sys._mountinfo import parse_mountinfo as parse_mountinfo
+from ._sys._mountinfo import read_mountinfo as read_mountinfo
+from ._sys._uapi import AutofsDevIoctl as AutofsDevIoctl
+from ._sys._uapi import AutofsPacketExpire as AutofsPacketExpire
+from ._sys._uapi import AutofsPacketExpireMulti as AutofsPacketExpireMulti
+from ._sys._uapi import AutofsPacketMissing as AutofsPacketMissing
+from ._sys._uapi import AutofsV5Packet as AutofsV5Packet
+
+# -- pipes (_sys._pipes)
+
+# -- fd passing (_sys._scm)

@@ -1,1 +1,1 @@
-"""Private implementation layer; see docs/design."""
+"""Pure protocol code: packet decoding and request state. No I/O, no ctypes, no trio."""

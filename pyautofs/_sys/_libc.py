@@ -16,7 +16,7 @@ import ctypes
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["libc", "call", "raise_errno", "syscall_number"]
 
@@ -74,14 +74,18 @@ def _load() -> ctypes.CDLL:
 libc = _load()
 
 
-def raise_errno(err: int, what: str, path: str | bytes | None = None) -> None:
+def raise_errno(
+    err: int, what: str, path: str | bytes | os.PathLike[str] | None = None
+) -> NoReturn:
     """Raise ``OSError(err, "<what>: <strerror>", path)``, as the right subclass."""
     if path is None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
     raise OSError(err, f"{what}: {os.strerror(err)}", os.fsdecode(path))
 
 
-def call(func: Callable[..., int], *args: Any, path: str | bytes | None = None) -> int:
+def call(
+    func: Callable[..., int], *args: Any, path: str | bytes | os.PathLike[str] | None = None
+) -> int:
     """Call a table function, retrying on EINTR; attach ``path`` to any error."""
     while True:
         try:
