@@ -1,1 +1,1 @@
-"""Private implementation layer; see docs/design."""
+"""The trio layer: the automount engine, mount helpers, async fd channels, handover."""
