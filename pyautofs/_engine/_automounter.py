@@ -30,8 +30,9 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import attrs
 import trio
@@ -49,6 +50,15 @@ from .._proto._packets import (
 from .._sys._autofs import AutofsControl, ExpireFlags
 from .._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
 from .._sys._mountinfo import AutofsMount, autofs_mounts, find_pipe_holders, read_mountinfo
+from ._handover import (
+    HANDOVER_ENV,
+    HandoverError,
+    MountState,
+    decode_state,
+    encode_state,
+    receive_state,
+    send_state,
+)
 from ._requests import AutomounterStatistics, ExpireRequest, MountRequest, Requester
 
 __all__ = [
@@ -68,6 +78,10 @@ ExpireHandler = Callable[[ExpireRequest], Awaitable[object]]
 _PACKET_BUFSIZE = 512  # > 304: one read returns one whole packet
 _PIPE_SIZE = 1 << 20  # 256 one-page slots: 256 queued requests before the kernel blocks
 _LATENCY_WINDOW = 10_000
+
+
+async def _no_such_key(request: MountRequest) -> None:
+    raise OSError(errno.ENOENT, "no longer served", request.path)
 
 
 class MountPointBusyError(OSError):
@@ -164,6 +178,7 @@ class Automounter:
         self._idle = trio.Event()
         self._idle.set()
         self._in_flight = 0
+        self._handed_over = False
         # counters
         self._requests = self._ready = self._failed = self._negative_hits = 0
         self._expired = self._expire_refused = 0
@@ -235,7 +250,10 @@ class Automounter:
     # -- running -----------------------------------------------------------------------
 
     async def run(
-        self, *, task_status: trio.TaskStatus[Automounter] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        handover_fd: int | None = None,
+        task_status: trio.TaskStatus[Automounter] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Mount (or adopt) every registered mount, serve them, and shut down gracefully.
 
@@ -249,13 +267,22 @@ class Automounter:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    for m in list(self._mounts.values()):
-                        self._start_mount(m)
-                    task_status.started(self)
+                    if handover_fd is None and HANDOVER_ENV in os.environ:
+                        handover_fd = int(os.environ.pop(HANDOVER_ENV))
+                    if handover_fd is not None:
+                        await self._take_over_from_predecessor(handover_fd, task_status)
+                    else:
+                        for m in list(self._mounts.values()):
+                            self._start_mount(m)
+                        task_status.started(self)
                     await self._stop.wait()
                 finally:
                     with trio.CancelScope(shield=True):
-                        await self._shutdown()
+                        if self._handed_over:
+                            for m in self._mounts.values():
+                                self._release(m, keep_dir=True)
+                        else:
+                            await self._shutdown()
                     nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
@@ -318,6 +345,164 @@ class Automounter:
             m.key_timeouts[key] = seconds
         if key in m.mounted and self._ctl is not None:
             self._ctl.set_key_timeout(m.ioctlfd, key, seconds)
+
+    # -- zero-downtime handover (see _handover.py) ---------------------------------------
+
+    async def hand_over(
+        self, argv: Sequence[str], *, timeout: float = 10.0, env: Mapping[str, str] | None = None
+    ) -> int | None:
+        """Hand every mount to a successor process started from ``argv``; no lookup fails.
+
+        The successor must be a program that builds an :class:`Automounter` with the same
+        mounts registered and calls :meth:`run` (``pyautofs serve`` with the same arguments
+        is one); it finds its handover socket through the ``PYAUTOFS_HANDOVER_FD``
+        environment variable. It runs in this process's process group, which is what lets
+        it answer the kernel without going through catatonic mode.
+
+        On success this engine stops reading, finishes and answers the requests it had
+        already read, hands over its final state and makes :meth:`run` return without
+        touching the mounts; the successor's pid is returned. If the successor fails to
+        start or to confirm within ``timeout`` seconds, it is killed, this engine goes on
+        serving, and None is returned.
+        """
+        if self._nursery is None or self._closing:
+            raise RuntimeError("hand_over needs a running automounter")
+        mounts = list(self._mounts.values())
+        parent, child = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        proc: trio.Process | None = None
+        tsock = trio.socket.from_stdlib_socket(parent)
+        try:
+            child_env = dict(os.environ if env is None else env)
+            child_env[HANDOVER_ENV] = str(child.fileno())
+            try:
+                proc = await trio.lowlevel.open_process(
+                    list(argv), pass_fds=(child.fileno(),), env=child_env
+                )
+            finally:
+                child.close()
+            fds = [fd for m in mounts for fd in (m.read_fd, m.ioctlfd, m.lock_fd)]
+            send_state(parent, [self._mount_state(m) for m in mounts], fds)
+            reply = b""
+            with trio.move_on_after(timeout):
+                reply = await tsock.recv(65536)
+            if not reply:
+                raise HandoverError(
+                    f"the successor (pid {proc.pid}) did not confirm within {timeout} s"
+                )
+            decode_state(reply, "ready")
+        except (OSError, HandoverError, ValueError) as exc:
+            log.error("handover failed, this engine goes on serving: %s", exc)
+            if proc is not None:
+                with trio.CancelScope(shield=True):
+                    proc.kill()
+                    await proc.wait()
+            tsock.close()
+            return None
+        # The successor reads the pipes now. Stop reading, finish what we read, hand over.
+        for m in mounts:
+            if m.reader_scope is not None:
+                m.reader_scope.cancel()
+            if m.expire_scope is not None:
+                m.expire_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._idle.wait()
+            try:
+                await tsock.send(encode_state("final", [self._mount_state(m) for m in mounts]))
+            except OSError as exc:
+                log.warning("handover: final state not delivered: %s", exc)
+        tsock.close()
+        log.info("handed %d mount(s) over to pid %d", len(mounts), proc.pid)
+        self._handed_over = True
+        self.stop()
+        return proc.pid
+
+    def _mount_state(self, m: _Mount) -> MountState:
+        now = time.perf_counter()
+        return MountState(
+            path=m.path,
+            mode=m.mode.value,
+            dev=m.dev,
+            timeout=m.timeout,
+            strictexpire=m.strictexpire,
+            created_dir=m.created_dir,
+            mounted=tuple(sorted(m.mounted)),
+            created_keys=tuple(sorted(m.created_keys)),
+            key_timeouts=dict(m.key_timeouts),
+            negative={k: (v[0] - now, v[1]) for k, v in m.negative.items() if v[0] > now},
+        )
+
+    async def _take_over_from_predecessor(
+        self, fd: int, task_status: trio.TaskStatus[Automounter]
+    ) -> None:
+        """The successor's side: serve the inherited pipes, confirm, then merge final state."""
+        assert self._nursery is not None
+        sock = socket.socket(fileno=fd)
+        try:
+            header, inherited = receive_state(sock)
+        except BaseException:
+            sock.close()
+            raise
+        orphans = []
+        for st, read_fd, ioctlfd, lock_fd in inherited:
+            m = self._mounts.get(st.path)
+            if m is None:
+                # Mounted by the predecessor but not registered here (the map dropped it):
+                # serve it with a handler that fails, then remove it once the handover ends.
+                m = _Mount(
+                    st.path,
+                    AutofsMode(st.mode),
+                    _no_such_key,
+                    None,
+                    st.timeout,
+                    st.strictexpire,
+                    {},
+                )
+                self._mounts[st.path] = m
+                orphans.append(st.path)
+            self._inherit(m, st, read_fd, ioctlfd, lock_fd)
+        for m in list(self._mounts.values()):
+            if m.read_fd < 0:
+                self._start_mount(m)
+        task_status.started(self)
+        tsock = trio.socket.from_stdlib_socket(sock)
+        with tsock:
+            await tsock.send(encode_state("ready", []))
+            log.info("took over %d mount(s) from pid %s", len(inherited), header.get("pid"))
+            with trio.move_on_after(max(30.0, self.shutdown_grace * 2)):
+                data = await tsock.recv(1 << 22)
+                if data:
+                    _, finals = decode_state(data, "final")
+                    now = time.perf_counter()
+                    for st in finals:
+                        m = self._mounts.get(st.path)
+                        if m is not None:
+                            m.mounted.update(st.mounted)
+                            m.created_keys.update(st.created_keys)
+                            for key, (left, err) in st.negative.items():
+                                m.negative.setdefault(key, (now + left, err))
+        for path in orphans:
+            await self.remove_mount(path)
+
+    def _inherit(self, m: _Mount, st: MountState, read_fd: int, ioctlfd: int, lock_fd: int) -> None:
+        assert self._ctl is not None
+        now = time.perf_counter()
+        m.mode = AutofsMode(st.mode)
+        m.dev = st.dev
+        m.read_fd, m.ioctlfd, m.lock_fd = read_fd, ioctlfd, lock_fd
+        m.created_dir = st.created_dir
+        m.mounted.update(st.mounted)
+        m.created_keys.update(st.created_keys)
+        for key, seconds in st.key_timeouts.items():
+            m.key_timeouts.setdefault(key, seconds)
+        for key, (left, err) in st.negative.items():
+            m.negative[key] = (now + left, err)
+        if m.timeout != st.timeout:
+            self._ctl.set_timeout(m.ioctlfd, m.timeout)
+        os.set_blocking(read_fd, False)
+        m.adopted = True
+        self._serve(m)
 
     # -- mount set-up and adoption -----------------------------------------------------
 
@@ -382,9 +567,7 @@ class Automounter:
             self._release(m)
             raise
         m.read_fd = r
-        self._nursery.start_soon(self._reader, m)
-        if m.timeout > 0:
-            self._nursery.start_soon(self._expire_loop, m)
+        self._serve(m)
         log.info(
             "%s %s autofs mount at %s (timeout %ss)",
             "adopted" if m.adopted else "serving",
@@ -392,6 +575,12 @@ class Automounter:
             m.path,
             m.timeout,
         )
+
+    def _serve(self, m: _Mount) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reader, m)
+        if m.timeout > 0:
+            self._nursery.start_soon(self._expire_loop, m)
 
     def _refuse_if_live(self, am: AutofsMount) -> None:
         """Refuse to steal a mount whose pipe is read by a live process other than us."""
@@ -462,7 +651,7 @@ class Automounter:
                 pass
         log.info("%s: adopted, %d mounted key(s) rediscovered", m.path, len(m.mounted))
 
-    def _release(self, m: _Mount) -> None:
+    def _release(self, m: _Mount, *, keep_dir: bool = False) -> None:
         if m.read_fd >= 0:
             trio.lowlevel.notify_closing(m.read_fd)
         for attr in ("read_fd", "ioctlfd", "lock_fd"):
@@ -470,7 +659,7 @@ class Automounter:
             if fd >= 0:
                 os.close(fd)
                 setattr(m, attr, -1)
-        if m.created_dir:
+        if m.created_dir and not keep_dir:
             try:
                 os.rmdir(m.path)
             except OSError:
