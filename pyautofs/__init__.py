@@ -21,4 +21,11 @@ from ._engine._requests import AutomounterStatistics as AutomounterStatistics
 from ._engine._requests import ExpireRequest as ExpireRequest
 from ._engine._requests import MountRequest as MountRequest
 from ._engine._requests import Requester as Requester
+
+# -- checkpoint/restore (_restore)
+from ._restore._install import install_fds as install_fds
+from ._restore._pipeimage import PipeImage as PipeImage
+from ._restore._pipeimage import PipeImageError as PipeImageError
+from ._restore._pipeimage import restore_pipe as restore_pipe
+from ._restore._pipeimage import snapshot_pipe as snapshot_pipe
 from ._sys._mount import AutofsMode as AutofsMode

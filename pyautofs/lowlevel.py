@@ -54,12 +54,27 @@ from ._sys._mountinfo import find_autofs_mount as find_autofs_mount
 from ._sys._mountinfo import find_pipe_holders as find_pipe_holders
 from ._sys._mountinfo import parse_mountinfo as parse_mountinfo
 from ._sys._mountinfo import read_mountinfo as read_mountinfo
+
+# -- pipes (_sys._pipes)
+from ._sys._pipes import PAGE_SIZE as PAGE_SIZE
+from ._sys._pipes import PipeFlags as PipeFlags
+from ._sys._pipes import SpliceFlags as SpliceFlags
+from ._sys._pipes import bytes_queued as bytes_queued
+from ._sys._pipes import get_pipe_size as get_pipe_size
+from ._sys._pipes import packet_mode as packet_mode
+from ._sys._pipes import pipe2 as pipe2
+from ._sys._pipes import pipe_inode as pipe_inode
+from ._sys._pipes import pipe_max_size as pipe_max_size
+from ._sys._pipes import set_packet_mode as set_packet_mode
+from ._sys._pipes import set_pipe_size as set_pipe_size
+from ._sys._pipes import splice as splice
+from ._sys._pipes import tee as tee
+
+# -- uapi structs (_sys._uapi)
 from ._sys._uapi import AutofsDevIoctl as AutofsDevIoctl
 from ._sys._uapi import AutofsPacketExpire as AutofsPacketExpire
 from ._sys._uapi import AutofsPacketExpireMulti as AutofsPacketExpireMulti
 from ._sys._uapi import AutofsPacketMissing as AutofsPacketMissing
 from ._sys._uapi import AutofsV5Packet as AutofsV5Packet
-
-# -- pipes (_sys._pipes)
 
 # -- fd passing (_sys._scm)
