@@ -1,0 +1,418 @@
+"""Handing restored pipes and autofs mounts to the processes that will own them.
+
+A coordinator (the restorer) rebuilds pipes and autofs mounts, then sends each end to the
+process that should own it over a unix socket, in one message per process: a JSON header
+listing the items and the fds themselves (SCM_RIGHTS). The receiving process installs every
+fd at its exact number with one :func:`~pyautofs.install_fds`, issues SETPIPEFD for each
+autofs mount (the kernel then makes *its* process group the mount's owner), closes the write
+ends that a systemd-style owner does not keep, and answers with one JSON confirmation.
+
+Message, coordinator to owner (``data`` of one ``send_fds`` call)::
+
+    {"pyautofs-handover": 1, "items": [
+        {"kind": "pipe", "read_target": 7, "write_target": null},
+        {"kind": "autofs", "mount_point": "/mnt/a", "dev": 49, "read_target": 40,
+         "write_target": null, "temp_write_target": 5}]}
+
+The fds follow in item order: a pipe item carries its read end if ``read_target`` is set,
+then its write end if ``write_target`` is set; an autofs item always carries read end then
+write end. ``write_target`` null on an autofs item means the owner closes the write end once
+SETPIPEFD is done (systemd style); ``temp_write_target``, if free in the owner, is where that
+temporary write end sits meanwhile, so mountinfo's ``fd=`` shows the number it had before.
+
+Reply, owner to coordinator: ``{"ok": true, "pid": P, "items": [{"pipe_ino": N}, ...]}`` or
+``{"ok": false, "errno": E, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import json
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from .._sys._autofs import AutofsControl
+from ._autofs import take_over_autofs_mount
+from ._install import install_fds
+
+__all__ = [
+    "PipeHandover",
+    "AutofsHandover",
+    "HandoverItem",
+    "HandoverFailed",
+    "Adopted",
+    "send_handover",
+    "receive_handover",
+    "adopt_handover",
+    "accept_handover",
+    "send_confirmation",
+    "wait_confirmation",
+]
+
+_KEY = "pyautofs-handover"
+_VERSION = 1
+
+
+# -- fd transport ------------------------------------------------------------------------
+# pyautofs.send_fds / recv_fds (pyautofs/_sys/_scm.py) are being written by a colleague.
+# Until they land, this private pair does the same job on a SOCK_SEQPACKET socket: a header
+# message (data length, fd count), then messages of at most 253 fds (SCM_MAX_FD) and 32 KiB
+# of data each, received with MSG_CMSG_CLOEXEC and checked for MSG_CTRUNC. Swapping in the
+# real functions is the two assignments at the end of this block.
+
+_SCM_MAX_FD = 253
+_CHUNK = 32 * 1024
+_FRAME = struct.Struct("<II")
+
+
+def _interim_send_fds(sock: socket.socket, fds: Sequence[int], data: bytes = b"") -> None:
+    sock.sendmsg([_FRAME.pack(len(data), len(fds))])
+    pos_d = pos_f = 0
+    while pos_d < len(data) or pos_f < len(fds):
+        chunk = data[pos_d : pos_d + _CHUNK] or b"\0"
+        batch = fds[pos_f : pos_f + _SCM_MAX_FD]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))] if batch else []
+        sock.sendmsg([chunk], anc)
+        pos_d += _CHUNK
+        pos_f += len(batch)
+
+
+def _interim_recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    header = sock.recv(_FRAME.size)
+    if not header:
+        raise EOFError("peer closed the socket")
+    if len(header) != _FRAME.size:
+        raise OSError(errno.EPROTO, "truncated fd-passing header")
+    data_len, nfds = _FRAME.unpack(header)
+    data = bytearray()
+    fds: list[int] = []
+    cmsg_space = socket.CMSG_SPACE(_SCM_MAX_FD * 4)
+    try:
+        while len(data) < data_len or len(fds) < nfds:
+            msg, anc, flags, _ = sock.recvmsg(_CHUNK, cmsg_space, socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:usable]))
+            if not msg and not anc:
+                raise OSError(errno.EPROTO, "peer closed the socket mid-message")
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise OSError(errno.EPROTO, "fd-passing message truncated (MSG_CTRUNC)")
+            if len(data) < data_len:
+                data += msg
+        if len(fds) != nfds or len(data) < data_len:
+            raise OSError(errno.EPROTO, f"expected {nfds} fds, got {len(fds)}")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return bytes(data[:data_len]), fds
+
+
+_send_fds = _interim_send_fds
+_recv_fds = _interim_recv_fds
+
+
+# -- items -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PipeHandover:
+    """A pipe for the owner: the fd numbers its ends go to (None: that end is not sent)."""
+
+    read_target: int | None
+    write_target: int | None
+
+    def fd_count(self) -> int:
+        """How many fds travel with this item."""
+        return (self.read_target is not None) + (self.write_target is not None)
+
+
+@attrs.frozen
+class AutofsHandover:
+    """An autofs mount for the owner to take over with SETPIPEFD."""
+
+    mount_point: str
+    dev: int
+    """The restored mount's ``st_dev`` (the OPENMOUNT devid)."""
+    read_target: int
+    write_target: int | None
+    """Where the owner keeps the write end (automount style), or None to close it after
+    SETPIPEFD (systemd style)."""
+    temp_write_target: int | None = None
+    """For the systemd style: where the write end sits during SETPIPEFD, if free."""
+
+    def fd_count(self) -> int:
+        """How many fds travel with this item (always the read and the write end)."""
+        return 2
+
+
+HandoverItem = PipeHandover | AutofsHandover
+
+
+class HandoverFailed(OSError):
+    """The owner process could not adopt what it was sent; ``errno`` is its error."""
+
+
+def _encode(items: Sequence[HandoverItem]) -> bytes:
+    out = []
+    for item in items:
+        d = attrs.asdict(item)
+        d["kind"] = "pipe" if isinstance(item, PipeHandover) else "autofs"
+        out.append(d)
+    return json.dumps({_KEY: _VERSION, "items": out}, separators=(",", ":")).encode()
+
+
+def _opt_int(d: dict[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be a non-negative int, not {value!r}")
+    return value
+
+
+def _decode(data: bytes) -> list[HandoverItem]:
+    try:
+        msg = json.loads(data)
+        if not isinstance(msg, dict) or msg.get(_KEY) != _VERSION:
+            raise ValueError(f"not a version-{_VERSION} handover message")
+        items: list[HandoverItem] = []
+        for d in msg["items"]:
+            if d.get("kind") == "pipe":
+                items.append(PipeHandover(_opt_int(d, "read_target"), _opt_int(d, "write_target")))
+            elif d.get("kind") == "autofs":
+                read_target = _opt_int(d, "read_target")
+                dev = _opt_int(d, "dev")
+                if read_target is None or dev is None or not isinstance(d["mount_point"], str):
+                    raise ValueError("autofs item needs mount_point, dev and read_target")
+                items.append(
+                    AutofsHandover(
+                        mount_point=d["mount_point"],
+                        dev=dev,
+                        read_target=read_target,
+                        write_target=_opt_int(d, "write_target"),
+                        temp_write_target=_opt_int(d, "temp_write_target"),
+                    )
+                )
+            else:
+                raise ValueError(f"unknown item kind {d.get('kind')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OSError(errno.EPROTO, f"malformed handover message: {exc}") from None
+    return items
+
+
+# -- coordinator side ------------------------------------------------------------------
+
+
+def send_handover(sock: socket.socket, items: Sequence[HandoverItem], fds: Sequence[int]) -> None:
+    """Send ``items`` and their ``fds`` (in item order) to an owner in one message.
+
+    The caller keeps its copies of ``fds``: close them once sent (a systemd-style mount
+    needs every write end outside the kernel closed for EOF to mean "catatonic").
+    """
+    want = sum(item.fd_count() for item in items)
+    if len(fds) != want:
+        raise ValueError(f"{len(items)} handover items need {want} fds, got {len(fds)}")
+    _send_fds(sock, list(fds), _encode(items))
+
+
+def wait_confirmation(sock: socket.socket, timeout: float | None = 30.0) -> dict[str, Any]:
+    """Wait for the owner's reply; raise :class:`HandoverFailed` if it reports an error.
+
+    ``timeout`` (seconds) bounds the wait: ``TimeoutError`` when it passes.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select([sock], [], [], left)
+        if readable:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no handover confirmation within {timeout} s")
+    data, fds = _recv_fds(sock)
+    for fd in fds:
+        os.close(fd)
+    try:
+        reply = json.loads(data)
+        ok = reply["ok"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OSError(errno.EPROTO, f"malformed handover confirmation: {exc}") from None
+    if not ok:
+        err = reply.get("errno") or errno.EPROTO
+        raise HandoverFailed(err, f"owner pid {reply.get('pid')}: {reply.get('error')}")
+    out: dict[str, Any] = reply
+    return out
+
+
+# -- owner side ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Adopted:
+    """What the owner ended up with for one item, at the fd numbers it asked for."""
+
+    item: HandoverItem
+    read_fd: int | None
+    write_fd: int | None
+
+
+def receive_handover(sock: socket.socket) -> tuple[list[HandoverItem], list[int]]:
+    """Receive one handover message: the items and their fds (close-on-exec)."""
+    data, fds = _recv_fds(sock)
+    try:
+        items = _decode(data)
+        want = sum(item.fd_count() for item in items)
+        if len(fds) != want:
+            raise OSError(errno.EPROTO, f"handover carried {len(fds)} fds for {want}")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return items, fds
+
+
+def _offsets(items: Sequence[HandoverItem]) -> list[int]:
+    """Where each item's fds start in the message's fd list."""
+    out = []
+    pos = 0
+    for item in items:
+        out.append(pos)
+        pos += item.fd_count()
+    return out
+
+
+def _is_free(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def adopt_handover(
+    items: Sequence[HandoverItem],
+    fds: Sequence[int],
+    *,
+    replace: bool = False,
+    control: AutofsControl | None = None,
+) -> list[Adopted]:
+    """Install received fds at their targets and take over the autofs mounts.
+
+    One :func:`install_fds` places every fd (installed targets are close-on-exec; received
+    fds that are not targets are closed), then each autofs mount gets SETPIPEFD from this
+    process, and systemd-style write ends are closed. If installing fails, every received
+    fd is closed and nothing is installed.
+    """
+    plan: dict[int, int] = {}
+    loose: dict[int, int] = {}  # item index -> received write end that has no target
+    for idx, (item, pos) in enumerate(zip(items, _offsets(items), strict=True)):
+        if isinstance(item, PipeHandover):
+            if item.read_target is not None:
+                plan[item.read_target] = fds[pos]
+            if item.write_target is not None:
+                plan[item.write_target] = fds[pos + (item.read_target is not None)]
+            continue
+        plan[item.read_target] = fds[pos]
+        w_target = item.write_target
+        if w_target is None:
+            t = item.temp_write_target
+            if t is not None and t not in plan and t not in fds and _is_free(t):
+                w_target = t
+        if w_target is None:
+            loose[idx] = fds[pos + 1]
+        elif w_target in plan:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EINVAL, f"handover items name target fd {w_target} twice")
+        else:
+            plan[w_target] = fds[pos + 1]
+    kept = set(loose.values())
+    try:
+        # A write end that only lives until SETPIPEFD must not sit on a number that install
+        # is about to overwrite: move it above everything first.
+        floor = max([*plan, *fds], default=0) + 1
+        for idx, fd in loose.items():
+            if fd in plan:
+                moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+                os.close(fd)
+                kept.discard(fd)
+                kept.add(moved)
+                loose[idx] = moved
+        install_fds(plan, replace=replace)
+    except BaseException:
+        for fd in {*fds, *kept}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
+    for fd in set(fds) - plan.keys() - kept:
+        os.close(fd)
+    own = control if control is not None else AutofsControl.open()
+    out = []
+    try:
+        for idx, item in enumerate(items):
+            if isinstance(item, PipeHandover):
+                out.append(Adopted(item, item.read_target, item.write_target))
+                continue
+            found = loose.pop(idx, None)
+            if found is None:
+                found = item.write_target
+            if found is None:
+                found = item.temp_write_target
+            assert found is not None
+            write_fd: int = found
+            try:
+                take_over_autofs_mount(item.mount_point, item.dev, write_fd, control=own)
+            finally:
+                if item.write_target is None:
+                    os.close(write_fd)
+            out.append(Adopted(item, item.read_target, item.write_target))
+    finally:
+        for fd in loose.values():  # only left over after an error
+            os.close(fd)
+        if control is None:
+            own.close()
+    return out
+
+
+def send_confirmation(
+    sock: socket.socket, adopted: Sequence[Adopted] | None, error: BaseException | None = None
+) -> None:
+    """Answer the coordinator: success with each item's pipe inode, or the error."""
+    reply: dict[str, Any] = {"pid": os.getpid()}
+    if error is None:
+        reply["ok"] = True
+        reply["items"] = [
+            {"pipe_ino": None if a.read_fd is None else os.fstat(a.read_fd).st_ino}
+            for a in adopted or ()
+        ]
+    else:
+        reply["ok"] = False
+        reply["errno"] = getattr(error, "errno", None)
+        reply["error"] = f"{type(error).__name__}: {error}"
+    _send_fds(sock, [], json.dumps(reply).encode())
+
+
+def accept_handover(
+    sock: socket.socket, *, replace: bool = False, control: AutofsControl | None = None
+) -> list[Adopted]:
+    """The owner's whole turn: receive, adopt, confirm. Errors are confirmed, then raised."""
+    items, fds = receive_handover(sock)
+    try:
+        adopted = adopt_handover(items, fds, replace=replace, control=control)
+    except Exception as exc:
+        send_confirmation(sock, None, exc)
+        raise
+    send_confirmation(sock, adopted)
+    return adopted
