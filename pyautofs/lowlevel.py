@@ -19,6 +19,20 @@ from ._proto._packets import decode_packet as decode_packet
 from ._proto._packets import encode_v4_packet as encode_v4_packet
 from ._proto._packets import encode_v5_packet as encode_v5_packet
 
+# -- restore building blocks (_restore)
+from ._restore._autofs import recreate_autofs_mount as recreate_autofs_mount
+from ._restore._autofs import take_over_autofs_mount as take_over_autofs_mount
+from ._restore._handover import Adopted as Adopted
+from ._restore._handover import AutofsHandover as AutofsHandover
+from ._restore._handover import PipeHandover as PipeHandover
+from ._restore._handover import adopt_handover as adopt_handover
+from ._restore._handover import receive_handover as receive_handover
+from ._restore._handover import send_confirmation as send_confirmation
+from ._restore._handover import send_handover as send_handover
+from ._restore._handover import wait_confirmation as wait_confirmation
+from ._restore._rebuild import autofs_pipe_image as autofs_pipe_image
+from ._restore._rebuild import handover_for as handover_for
+
 # -- /dev/autofs and the legacy ioctls (_sys._autofs)
 from ._sys._autofs import AUTOFS_DEVICE as AUTOFS_DEVICE
 from ._sys._autofs import AUTOFS_SUPER_MAGIC as AUTOFS_SUPER_MAGIC

@@ -31,11 +31,11 @@ whose processes are still waiting on the *old* superblock.
 What cannot be carried over: the mount is a new superblock, whose anonymous ``st_dev`` (the
 OPENMOUNT devid and the ``dev`` in packets) is allocated afresh (the kernel may hand out the
 number the old mount freed, or another one) and whose root is a new inode, so an owner that
-cached them (systemd, or automount for direct mounts) must re-learn them; request tokens belong to the superblock
-that issued them, so queued requests from the old mount cannot be answered on the new one
-(their processes are released with ENOENT when the old mount goes away); what was mounted
-beneath the old mount is recorded for information only; the owner's process group is the
-new owner's, not the old one.
+cached them (systemd, or automount for direct mounts) must re-learn them; request tokens
+belong to the superblock that issued them, so queued requests from the old mount cannot be
+answered on the new one (their processes are released with ENOENT when the old mount goes
+away); what was mounted beneath the old mount is recorded for information only; the owner's
+process group is the new owner's, not the old one.
 """
 
 from __future__ import annotations

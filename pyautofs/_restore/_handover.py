@@ -267,8 +267,13 @@ class Adopted:
 
 
 def receive_handover(sock: socket.socket) -> tuple[list[HandoverItem], list[int]]:
-    """Receive one handover message: the items and their fds (close-on-exec)."""
+    """Receive one handover message: the items and their fds (close-on-exec).
+
+    ``EOFError`` when the coordinator closed the socket.
+    """
     data, fds = _recv_fds(sock)
+    if not data and not fds:
+        raise EOFError("the coordinator closed the handover socket")
     try:
         items = _decode(data)
         want = sum(item.fd_count() for item in items)

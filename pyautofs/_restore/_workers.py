@@ -1,0 +1,294 @@
+"""A coordinator that rebuilds many pipes and autofs mounts, and the workers that own them.
+
+The coordinator (:func:`restore_to_workers`) works in three phases, each timed separately
+in the :class:`RestoreReport` so that a benchmark can see where the time goes:
+
+1. **prepare**: for each job, rebuild the pipe (:func:`~pyautofs.restore_pipe`) and, for an
+   autofs mount, recreate the mount catatonic (:func:`recreate_autofs_mount`);
+2. **send**: one message per worker carries every item and fd for it (see
+   :mod:`pyautofs._restore._handover`); the coordinator then closes its copies;
+3. **confirm**: each worker installs its fds at their exact numbers with one
+   ``install_fds``, issues SETPIPEFD for its mounts, and confirms.
+
+Workers (:func:`run_worker`, or ``python -m pyautofs._restore._workers SOCK_FD``) take
+handovers until the coordinator closes the socket. SETPIPEFD makes the worker's *process
+group* the owner of its mounts, so a worker meant to own mounts usually runs in its own
+session (:func:`start_worker` does that by default); lookups from that group never trigger.
+
+Cost per autofs mount is a handful of syscalls on each side: pipe2 + F_SETPIPE_SZ, mount,
+stat, OPENMOUNT, TIMEOUT, CATATONIC and closes in the coordinator; dup3 x2, OPENMOUNT and
+SETPIPEFD in the worker; the fds travel 253 to a message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import attrs
+
+from .._sys._autofs import AutofsControl
+from .._sys._mount import UmountFlags, umount2
+from ._autofs import AutofsMountImage, recreate_autofs_mount
+from ._handover import (
+    Adopted,
+    HandoverItem,
+    PipeHandover,
+    accept_handover,
+    send_confirmation,
+    send_handover,
+    wait_confirmation,
+)
+from ._pipeimage import PipeImage, restore_pipe
+from ._rebuild import RestoredAutofsMount, autofs_pipe_image, handover_for
+
+__all__ = [
+    "PipeJob",
+    "MountJob",
+    "RestoreReport",
+    "restore_to_workers",
+    "run_worker",
+    "start_worker",
+    "WorkerProcess",
+]
+
+
+@attrs.frozen
+class PipeJob:
+    """Rebuild ``image`` and give the worker its read end at ``read_target`` and/or its write
+    end at ``write_target`` (an end with no target is not sent, and is closed)."""
+
+    image: PipeImage
+    read_target: int | None
+    write_target: int | None = None
+
+
+@attrs.frozen
+class MountJob:
+    """Rebuild the autofs mount ``image`` (at ``mount_point``, default its own) for a worker,
+    which receives its pipe at the dumped owner's fd numbers."""
+
+    image: AutofsMountImage
+    mount_point: str | None = None
+    keep_pending: bool = False
+
+
+Job = PipeJob | MountJob
+
+
+@attrs.frozen
+class RestoreReport:
+    """What :func:`restore_to_workers` did, and how long each phase took (seconds)."""
+
+    mounts: list[RestoredAutofsMount]
+    """One per :class:`MountJob`, in the order given (workers in order, jobs in order)."""
+    pipe_inodes: list[int]
+    """One per :class:`PipeJob`, in the same order: the new pipe's inode."""
+    prepare_seconds: float
+    send_seconds: float
+    confirm_seconds: float
+
+
+@attrs.define
+class _Batch:
+    sock: socket.socket
+    items: list[HandoverItem] = attrs.Factory(list)
+    fds: list[int] = attrs.Factory(list)
+    mounts: list[tuple[int, str, int]] = attrs.Factory(list)  # (item index, path, dev)
+    pipes: list[int] = attrs.Factory(list)  # item index of each PipeJob
+    made: list[str] = attrs.Factory(list)  # mount points recreated, for cleanup
+
+
+def _prepare(
+    batch: _Batch, jobs: Sequence[Job], control: AutofsControl
+) -> list[RestoredAutofsMount]:
+    results = []
+    for job in jobs:
+        if isinstance(job, PipeJob):
+            r, w = restore_pipe(job.image)
+            send = []
+            for end, end_target in ((r, job.read_target), (w, job.write_target)):
+                if end_target is None:
+                    os.close(end)
+                else:
+                    send.append(end)
+            batch.pipes.append(len(batch.items))
+            batch.items.append(PipeHandover(job.read_target, job.write_target))
+            batch.fds += send
+            continue
+        target = os.path.abspath(job.mount_point or job.image.mount_point)
+        dev = recreate_autofs_mount(job.image, mount_point=target, control=control)
+        batch.made.append(target)
+        if job.image.catatonic or job.image.owner is None:
+            results.append(RestoredAutofsMount(mount_point=target, dev=dev, catatonic=True))
+            continue
+        r, w = restore_pipe(autofs_pipe_image(job.image, keep_pending=job.keep_pending))
+        batch.mounts.append((len(batch.items), target, dev))
+        batch.items.append(handover_for(job.image, target, dev))
+        batch.fds += [r, w]
+        results.append(RestoredAutofsMount(mount_point=target, dev=dev, catatonic=False))
+    return results
+
+
+def restore_to_workers(
+    assignments: Sequence[tuple[socket.socket, Sequence[Job]]],
+    *,
+    control: AutofsControl | None = None,
+    timeout: float | None = 30.0,
+) -> RestoreReport:
+    """Rebuild every job and hand it to its worker; return once every worker confirmed.
+
+    ``assignments`` pairs each worker's socket (the coordinator's end of a SOCK_SEQPACKET
+    unix socket) with its jobs. On any failure, every mount this call recreated is detached
+    again, every fd it made is closed, and the error (``HandoverFailed`` for a worker's
+    error, ``TimeoutError`` after ``timeout`` seconds) is raised.
+    """
+    own = control if control is not None else AutofsControl.open()
+    batches = [_Batch(sock) for sock, _ in assignments]
+    per_batch: list[list[RestoredAutofsMount]] = []
+    ok = False
+    try:
+        t0 = time.perf_counter()
+        for batch, (_, jobs) in zip(batches, assignments, strict=True):
+            per_batch.append(_prepare(batch, jobs, own))
+        t1 = time.perf_counter()
+        for batch in batches:
+            try:
+                send_handover(batch.sock, batch.items, batch.fds)
+            finally:
+                for fd in batch.fds:
+                    os.close(fd)
+                batch.fds.clear()
+        t2 = time.perf_counter()
+        mounts: list[RestoredAutofsMount] = []
+        pipe_inodes: list[int] = []
+        for batch, results in zip(batches, per_batch, strict=True):
+            reply = wait_confirmation(batch.sock, timeout)
+            inos = [entry.get("pipe_ino") for entry in reply["items"]]
+            live = iter(batch.mounts)
+            for res in results:
+                if res.catatonic:
+                    mounts.append(res)
+                    continue
+                idx, _, _ = next(live)
+                mounts.append(attrs.evolve(res, owner_pid=reply.get("pid"), pipe_ino=inos[idx]))
+            pipe_inodes += [inos[idx] for idx in batch.pipes]
+        t3 = time.perf_counter()
+        ok = True
+    finally:
+        if not ok:
+            for batch in batches:
+                for fd in batch.fds:
+                    os.close(fd)
+                for path in reversed(batch.made):
+                    umount2(path, UmountFlags.DETACH)
+        if control is None:
+            own.close()
+    return RestoreReport(
+        mounts=mounts,
+        pipe_inodes=pipe_inodes,
+        prepare_seconds=t1 - t0,
+        send_seconds=t2 - t1,
+        confirm_seconds=t3 - t2,
+    )
+
+
+# -- workers ---------------------------------------------------------------------------
+
+
+def run_worker(sock: socket.socket, *, replace: bool = False) -> list[Adopted]:
+    """Take handovers on ``sock`` until the coordinator closes it; return what was adopted.
+
+    Each handover is installed, taken over and confirmed (:func:`accept_handover`); an error
+    is confirmed to the coordinator and then raised here.
+    """
+    adopted: list[Adopted] = []
+    with AutofsControl.open() as control:
+        while True:
+            try:
+                adopted += accept_handover(sock, replace=replace, control=control)
+            except EOFError:
+                return adopted
+
+
+@attrs.define
+class WorkerProcess:
+    """A worker started by :func:`start_worker`: the process and the coordinator's socket."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid (and process group, when started in its own session)."""
+        return self.proc.pid
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Close the socket (the worker exits once it sees EOF) and reap it.
+
+        A worker that does not exit within ``timeout`` seconds is killed. Returns its exit
+        status.
+        """
+        self.sock.close()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout)
+
+
+def start_worker(
+    *, new_session: bool = True, python: str = sys.executable, timeout: float | None = 30.0
+) -> WorkerProcess:
+    """Start ``python -m pyautofs._restore._workers`` on a fresh SOCK_SEQPACKET pair.
+
+    Returns once the worker has started and said so (so that timing a restore does not
+    time the interpreter's start-up); ``TimeoutError`` if it does not within ``timeout``
+    seconds. With ``new_session`` (the default) the worker leads its own process group, so
+    the mounts it takes over are owned by it alone.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen(
+            [python, "-m", "pyautofs._restore._workers", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            start_new_session=new_session,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    worker = WorkerProcess(proc, ours)
+    try:
+        wait_confirmation(ours, timeout)  # the worker's hello
+    except BaseException:
+        worker.proc.kill()
+        worker.close()
+        raise
+    return worker
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m pyautofs._restore._workers SOCK_FD", file=sys.stderr)
+        return 2
+    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        send_confirmation(sock, [])  # hello: started and ready for handovers
+        # Holds what it adopted until the coordinator closes the socket, then exits (and so
+        # drops them). A worker that serves its mounts would read its pipes instead.
+        run_worker(sock)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
