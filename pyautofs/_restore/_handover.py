@@ -320,27 +320,32 @@ def adopt_handover(
     """
     plan: dict[int, int] = {}
     loose: dict[int, int] = {}  # item index -> received write end that has no target
+
+    def assign(target: int, fd: int) -> None:
+        if target in plan:
+            for received in fds:
+                os.close(received)
+            raise OSError(errno.EINVAL, f"handover items name target fd {target} twice")
+        plan[target] = fd
+
     for idx, (item, pos) in enumerate(zip(items, _offsets(items), strict=True)):
         if isinstance(item, PipeHandover):
             if item.read_target is not None:
-                plan[item.read_target] = fds[pos]
+                assign(item.read_target, fds[pos])
             if item.write_target is not None:
-                plan[item.write_target] = fds[pos + (item.read_target is not None)]
+                assign(item.write_target, fds[pos + (item.read_target is not None)])
             continue
-        plan[item.read_target] = fds[pos]
-        w_target = item.write_target
-        if w_target is None:
+        assign(item.read_target, fds[pos])
+        if item.write_target is not None:
+            assign(item.write_target, fds[pos + 1])
+        else:
+            loose[idx] = fds[pos + 1]
+    # Optional places for systemd-style write ends, only where nothing else goes.
+    for idx, item in enumerate(items):
+        if idx in loose and isinstance(item, AutofsHandover):
             t = item.temp_write_target
             if t is not None and t not in plan and t not in fds and _is_free(t):
-                w_target = t
-        if w_target is None:
-            loose[idx] = fds[pos + 1]
-        elif w_target in plan:
-            for fd in fds:
-                os.close(fd)
-            raise OSError(errno.EINVAL, f"handover items name target fd {w_target} twice")
-        else:
-            plan[w_target] = fds[pos + 1]
+                plan[t] = loose.pop(idx)
     kept = set(loose.values())
     try:
         # A write end that only lives until SETPIPEFD must not sit on a number that install
@@ -363,7 +368,8 @@ def adopt_handover(
         raise
     for fd in set(fds) - plan.keys() - kept:
         os.close(fd)
-    own = control if control is not None else AutofsControl.open()
+    needs_control = control is None and any(isinstance(i, AutofsHandover) for i in items)
+    own = AutofsControl.open() if needs_control else control
     out = []
     try:
         for idx, item in enumerate(items):
@@ -386,7 +392,7 @@ def adopt_handover(
     finally:
         for fd in loose.values():  # only left over after an error
             os.close(fd)
-        if control is None:
+        if needs_control and own is not None:
             own.close()
     return out
 
