@@ -34,10 +34,10 @@ from pyautofs._restore._autofs import (
     list_autofs_mounts,
 )
 from pyautofs._restore._handover import HandoverFailed
-from pyautofs._restore._pipeimage import PipeImage
+from pyautofs._restore._pipeimage import PipeImage, snapshot_pipe
 from pyautofs._restore._rebuild import restore_autofs_mount
 from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import AutofsMode, UmountFlags, umount2
+from pyautofs._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
 from pyautofs._sys._mountinfo import (
     PipeHolder,
     find_autofs_mount,
@@ -495,3 +495,38 @@ def _edit(change: dict[str, Any]) -> bytes:
 def test_corrupt_images_are_refused(raw: bytes, message: str) -> None:
     with pytest.raises(AutofsImageError, match=message):
         AutofsMountImage.from_bytes(raw)
+
+
+def test_what_an_autofs_pipe_shows_through_each_end(area: Path) -> None:
+    """The kernel sets O_DIRECT on the write side only: a read end shows no sign of it."""
+    mp = area / "flags"
+    mp.mkdir()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        mount_autofs(mp, AutofsOptions(fd=w))
+        assert fdinfo_flags(os.getpid(), w) & os.O_DIRECT
+        assert not fdinfo_flags(os.getpid(), r) & os.O_DIRECT
+        assert not snapshot_pipe(r).packet_mode  # empty, and the read end cannot tell
+        assert snapshot_pipe(r, packet=True).packet_mode
+        assert snapshot_pipe(w).packet_mode  # the write end can
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_orphaned_mount_is_dumped_without_owner(area: Path, owners: list[Owner]) -> None:
+    """Owner killed, no lookup since: not catatonic yet, but nobody holds the read end."""
+    mp = area / "orphan"
+    mp.mkdir()
+    a = Owner(
+        {"mode": "mount", "mount_point": str(mp), "kind": "indirect", "read_fd": 40, "write_fd": 41}
+    )
+    owners.append(a)
+    a.wait("ready")
+    a.kill()
+    image = dump_autofs_mount(mp)
+    assert not image.catatonic and image.pipe_ino is not None and image.pipe_ino > 0
+    assert image.owner is None and image.holders == () and image.pipe is None
+    remove_mounts_under(mp)
+    restored = restore_autofs_mount(image)
+    assert restored.catatonic and find_autofs_mount(mp).catatonic
