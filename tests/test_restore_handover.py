@@ -184,3 +184,11 @@ def test_confirmation_timeout(pair: tuple[socket.socket, socket.socket]) -> None
     coordinator, _ = pair
     with pytest.raises(TimeoutError):
         wait_confirmation(coordinator, 0.05)
+
+
+def test_owner_gone_before_confirming(pair: tuple[socket.socket, socket.socket]) -> None:
+    coordinator, owner = pair
+    owner.shutdown(socket.SHUT_WR)
+    with pytest.raises(HandoverFailed, match="without confirming") as exc:
+        wait_confirmation(coordinator, 5)
+    assert exc.value.errno == errno.EPIPE

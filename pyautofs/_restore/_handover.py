@@ -239,9 +239,16 @@ def wait_confirmation(sock: socket.socket, timeout: float | None = 30.0) -> dict
             break
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no handover confirmation within {timeout} s")
-    data, fds = _recv_fds(sock)
+    try:
+        data, fds = _recv_fds(sock)
+    except EOFError:
+        data, fds = b"", []
     for fd in fds:
         os.close(fd)
+    if not data:
+        raise HandoverFailed(
+            errno.EPIPE, "the owner closed the socket without confirming (did it exit?)"
+        )
     try:
         reply = json.loads(data)
         ok = reply["ok"]
