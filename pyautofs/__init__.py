@@ -47,3 +47,10 @@ from ._restore._workers import restore_to_workers as restore_to_workers
 from ._restore._workers import run_worker as run_worker
 from ._restore._workers import start_worker as start_worker
 from ._sys._mount import AutofsMode as AutofsMode
+
+# -- fd passing (_sys._scm)
+from ._sys._scm import FdPassError as FdPassError
+from ._sys._scm import PeerCredentials as PeerCredentials
+from ._sys._scm import peer_credentials as peer_credentials
+from ._sys._scm import recv_fds as recv_fds
+from ._sys._scm import send_fds as send_fds

@@ -26,14 +26,12 @@ Reply, owner to coordinator: ``{"ok": true, "pid": P, "items": [{"pipe_ino": N},
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import json
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +39,7 @@ from typing import Any
 import attrs
 
 from .._sys._autofs import AutofsControl
+from .._sys._scm import recv_fds, send_fds
 from ._autofs import take_over_autofs_mount
 from ._install import install_fds
 
@@ -62,64 +61,9 @@ _KEY = "pyautofs-handover"
 _VERSION = 1
 
 
-# -- fd transport ------------------------------------------------------------------------
-# pyautofs.send_fds / recv_fds (pyautofs/_sys/_scm.py) are being written by a colleague.
-# Until they land, this private pair does the same job on a SOCK_SEQPACKET socket: a header
-# message (data length, fd count), then messages of at most 253 fds (SCM_MAX_FD) and 32 KiB
-# of data each, received with MSG_CMSG_CLOEXEC and checked for MSG_CTRUNC. Swapping in the
-# real functions is the two assignments at the end of this block.
-
-_SCM_MAX_FD = 253
-_CHUNK = 32 * 1024
-_FRAME = struct.Struct("<II")
-
-
-def _interim_send_fds(sock: socket.socket, fds: Sequence[int], data: bytes = b"") -> None:
-    sock.sendmsg([_FRAME.pack(len(data), len(fds))])
-    pos_d = pos_f = 0
-    while pos_d < len(data) or pos_f < len(fds):
-        chunk = data[pos_d : pos_d + _CHUNK] or b"\0"
-        batch = fds[pos_f : pos_f + _SCM_MAX_FD]
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch))] if batch else []
-        sock.sendmsg([chunk], anc)
-        pos_d += _CHUNK
-        pos_f += len(batch)
-
-
-def _interim_recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    header = sock.recv(_FRAME.size)
-    if not header:
-        raise EOFError("peer closed the socket")
-    if len(header) != _FRAME.size:
-        raise OSError(errno.EPROTO, "truncated fd-passing header")
-    data_len, nfds = _FRAME.unpack(header)
-    data = bytearray()
-    fds: list[int] = []
-    cmsg_space = socket.CMSG_SPACE(_SCM_MAX_FD * 4)
-    try:
-        while len(data) < data_len or len(fds) < nfds:
-            msg, anc, flags, _ = sock.recvmsg(_CHUNK, cmsg_space, socket.MSG_CMSG_CLOEXEC)
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % 4
-                    fds.extend(array.array("i", payload[:usable]))
-            if not msg and not anc:
-                raise OSError(errno.EPROTO, "peer closed the socket mid-message")
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                raise OSError(errno.EPROTO, "fd-passing message truncated (MSG_CTRUNC)")
-            if len(data) < data_len:
-                data += msg
-        if len(fds) != nfds or len(data) < data_len:
-            raise OSError(errno.EPROTO, f"expected {nfds} fds, got {len(fds)}")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return bytes(data[:data_len]), fds
-
-
-_send_fds = _interim_send_fds
-_recv_fds = _interim_recv_fds
+# -- fd transport: one message carries any number of fds (pyautofs/_sys/_scm.py) --------
+_send_fds = send_fds
+_recv_fds = recv_fds
 
 
 # -- items -----------------------------------------------------------------------------
