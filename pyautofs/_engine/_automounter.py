@@ -78,6 +78,7 @@ ExpireHandler = Callable[[ExpireRequest], Awaitable[object]]
 _PACKET_BUFSIZE = 512  # > 304: one read returns one whole packet
 _PIPE_SIZE = 1 << 20  # 256 one-page slots: 256 queued requests before the kernel blocks
 _LATENCY_WINDOW = 10_000
+_BURST = 32  # packets read before the reader yields to the handlers it spawned
 
 
 async def _no_such_key(request: MountRequest) -> None:
@@ -113,6 +114,7 @@ class _Mount:
     in_flight: dict[str, int] = attrs.Factory(dict)
     negative: dict[str, tuple[float, int]] = attrs.Factory(dict)
     reader_scope: trio.CancelScope | None = None
+    stop_reading: bool = False
     expire_scope: trio.CancelScope | None = None
 
     def key_path(self, key: str) -> str:
@@ -402,6 +404,7 @@ class Automounter:
             return None
         # The successor reads the pipes now. Stop reading, finish what we read, hand over.
         for m in mounts:
+            m.stop_reading = True
             if m.reader_scope is not None:
                 m.reader_scope.cancel()
             if m.expire_scope is not None:
@@ -669,18 +672,35 @@ class Automounter:
     # -- the reader --------------------------------------------------------------------
 
     async def _reader(self, m: _Mount) -> None:
+        """Read packets until one needs a handler; then hand reading on and serve it.
+
+        Leader/follower: the task that reads a missing-mount request starts a fresh reader
+        and runs the handler itself, at once. Spawning a task costs a trip through trio's
+        scheduler; this way that trip is off the request's path, and the pipe is still
+        never left unread while a handler works.
+        """
         fd = m.read_fd
+        if fd < 0 or m.stop_reading:
+            return
         read = os.read
+        burst = 0
+        request: MountRequest | None = None
+        t0 = 0.0
         with trio.CancelScope(shield=True) as m.reader_scope:
-            while True:
+            while not m.stop_reading:
                 try:
                     data = read(fd, _PACKET_BUFSIZE)
                 except BlockingIOError:
+                    burst = 0
                     try:
                         await trio.lowlevel.wait_readable(fd)
                     except trio.ClosedResourceError:
                         return  # teardown closed the pipe
                     continue
+                except OSError:
+                    if m.read_fd < 0:
+                        return  # closed under us
+                    raise
                 if not data:
                     if not self._closing:
                         m.lost = True
@@ -694,10 +714,19 @@ class Automounter:
                 except PacketError as exc:
                     log.error("%s: malformed packet ignored: %s", m.path, exc)
                     continue
-                self._dispatch(m, pkt, t0)
-                # A burst of packets is read without yielding between them; let the
-                # spawned handlers run now and then.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                request = self._dispatch(m, pkt, t0)
+                if request is not None:
+                    break
+                # Fast answers (negative cache, shutdown) and expire packets don't hand
+                # reading on; in a long burst of them, yield now and then.
+                burst += 1
+                if burst >= _BURST:
+                    burst = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+        if request is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._reader, m)
+            await self._serve_missing(m, request, t0)
 
     def _dispatch(
         self,
@@ -709,34 +738,35 @@ class Automounter:
         | MissingV4
         | ExpireMultiV4,
         t0: float,
-    ) -> None:
+    ) -> MountRequest | None:
+        """Answer what needs no handler; return a request that needs one."""
         assert self._nursery is not None
         if isinstance(pkt, (MissingV4, ExpireMultiV4)):
             # We mount with minproto=maxproto=5, so these come only from an adopted v4 mount.
             log.error("%s: protocol v%d packet; only v5 is served", m.path, pkt.proto_version)
             self._answer(m, pkt.token, -errno.EPROTO, "", t0, count=False)
-            return
+            return None
         key = os.fsdecode(pkt.name) if m.mode is AutofsMode.INDIRECT else ""
         requester = Requester(pid=pkt.pid, tgid=pkt.tgid, uid=pkt.uid, gid=pkt.gid)
         if isinstance(pkt, (ExpireIndirect, ExpireDirect)):
             req = ExpireRequest(m.path, m.mode, key, m.key_path(key), requester, pkt.token)
             self._nursery.start_soon(self._serve_expire, m, req)
-            return
+            return None
         self._requests += 1
         if self._closing:
             self._answer(m, pkt.token, -errno.ENOENT, key, t0)
-            return
+            return None
         neg = m.negative.get(key)
         if neg is not None:
             if neg[0] > t0:
                 self._negative_hits += 1
                 self._answer(m, pkt.token, -neg[1], key, t0)
-                return
+                return None
             del m.negative[key]
-        request = MountRequest(m.path, m.mode, key, m.key_path(key), requester, pkt.token)
         self._in_flight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._nursery.start_soon(self._serve_missing, m, request, t0)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        return MountRequest(m.path, m.mode, key, m.key_path(key), requester, pkt.token)
 
     # -- answering ---------------------------------------------------------------------
 
@@ -772,7 +802,12 @@ class Automounter:
                 if self._closing:
                     scope.deadline = min(scope.deadline, trio.current_time() + self.shutdown_grace)
                 try:
-                    async with self._limiter:
+                    # Take a handler slot without a checkpoint when one is free.
+                    if self._limiter.value:
+                        self._limiter.acquire_nowait()
+                    else:
+                        await self._limiter.acquire()
+                    try:
                         if m.mode is AutofsMode.INDIRECT:
                             if key in m.mounted and os.path.ismount(req.path):
                                 status = 0  # already mounted (e.g. rediscovered): never mount twice
@@ -789,6 +824,8 @@ class Automounter:
                         m.in_flight[key] = req.token
                         await m.on_missing(req)
                         status = 0
+                    finally:
+                        self._limiter.release()
                 finally:
                     self._handler_scopes.discard(scope)
             if scope.cancelled_caught:
@@ -955,6 +992,7 @@ class Automounter:
                 m.mounted.discard(key)
             if key and key in m.created_keys:
                 self._rmdir_key(m, key)
+        m.stop_reading = True
         if m.reader_scope is not None:
             m.reader_scope.cancel()
         self._drain(m)
