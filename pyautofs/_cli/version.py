@@ -1,0 +1,41 @@
+"""``pyautofs version``: the package version and what this kernel's autofs speaks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import Any
+
+from .. import __version__
+from .._sys._autofs import AUTOFS_DEVICE, AutofsControl
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``pyautofs version``."""
+    p = sub.add_parser(
+        "version",
+        help="show the pyautofs version and the kernel's autofs interface version",
+        description="Show the pyautofs version, the kernel release, and the version of the "
+        "/dev/autofs control interface (no root needed).",
+        epilog="example:\n  pyautofs version",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print versions; returns the exit status."""
+    print(f"pyautofs {__version__}")
+    print(f"kernel {platform.release()}")
+    if not os.path.exists(AUTOFS_DEVICE):
+        print(f"{AUTOFS_DEVICE}: missing (CONFIG_AUTOFS_FS=y, or 'modprobe autofs4')")
+        return 1
+    try:
+        with AutofsControl.open() as ctl:
+            major, minor = ctl.version()
+    except OSError as exc:
+        print(f"{AUTOFS_DEVICE}: {exc.strerror}")
+        return 1
+    print(f"{AUTOFS_DEVICE}: control interface {major}.{minor}")
+    return 0
