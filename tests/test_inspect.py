@@ -33,7 +33,9 @@ def inspect_json() -> dict[str, Any]:
 
 
 def entry(mountpoint: Path) -> dict[str, Any]:
-    found = [m for m in inspect_json()["mounts"] if m["mount_point"] == str(mountpoint)]
+    found: list[dict[str, Any]] = [
+        m for m in inspect_json()["mounts"] if m["mount_point"] == str(mountpoint)
+    ]
     assert len(found) == 1, found
     return found[0]
 
