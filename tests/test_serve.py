@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -215,3 +216,52 @@ def test_serve_refuses_a_mount_point_another_engine_serves(served: tuple[Server,
     assert "already served by another pyautofs engine" in r.stderr
     assert f"pid {server.proc.pid}" in r.stderr
     assert os.path.exists(mnt)
+
+
+def test_sigusr2_hands_over_without_failing_a_lookup(tree: Path) -> None:
+    exports = tree / "exports"
+    (exports / "alpha" / "marker").write_text("x")
+    amap = tree / "auto.test"
+    amap.write_text(f"* :{exports}/alpha\n")
+    loader = str(Path(__file__).parent / "programs" / "lookup_load.py")
+    server = Server(tree, str(tree / "mnt"), str(amap))
+    load = [
+        subprocess.Popen(
+            [sys.executable, loader, str(tree / "mnt"), f"c{i}", "2.5"],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for i in range(3)
+    ]
+    try:
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGUSR2)
+        assert server.proc.wait(timeout=20) == 0  # the old process exits 0
+        results = [json.loads(p.communicate(timeout=30)[0]) for p in load]
+        log = server.log()
+        assert "took over 1 mount(s)" in log
+        assert "handover failed" not in log
+        assert [r["failures"] for r in results] == [[], [], []]
+        assert sum(r["ok"] for r in results) > 50
+        assert max(r["worst_s"] for r in results) < 1.0
+    finally:
+        for p in load:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        successors = [
+            int(line.split("[")[1].split("]")[0])
+            for line in server.log().splitlines()
+            if "took over" in line
+        ]
+        for pid in successors:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (
+            any(os.path.exists(f"/proc/{pid}") for pid in successors)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tree))]
