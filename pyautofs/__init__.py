@@ -13,6 +13,7 @@ from ._engine._automounter import Automounter as Automounter
 from ._engine._automounter import ExpireHandler as ExpireHandler
 from ._engine._automounter import MountHandler as MountHandler
 from ._engine._automounter import MountPointBusyError as MountPointBusyError
+from ._engine._fdchannel import FdChannel as FdChannel
 from ._engine._helpers import bind_mount as bind_mount
 from ._engine._helpers import mount_tmpfs as mount_tmpfs
 from ._engine._helpers import run_mount as run_mount
