@@ -19,7 +19,15 @@ from typing import Any
 
 import trio
 
-from .._sys._scm import Step, recv_protocol, send_protocol
+from .._sys._scm import (
+    ANC_MAX,
+    MSG_CMSG_CLOEXEC,
+    Step,
+    first_record_size,
+    parse_single_record,
+    recv_protocol,
+    send_protocol,
+)
 
 __all__ = ["FdChannel"]
 
@@ -33,7 +41,7 @@ class FdChannel:
     The channel owns its socket: :meth:`aclose` (or ``async with``) closes it.
     """
 
-    __slots__ = ("_broken", "_fd", "_recv_lock", "_send_lock", "_sock")
+    __slots__ = ("_broken", "_fd", "_first_size", "_receiving", "_sending", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.family != socket.AF_UNIX:
@@ -42,8 +50,9 @@ class FdChannel:
         self._sock = sock
         self._fd = sock.fileno()
         self._broken = False
-        self._send_lock = trio.StrictFIFOLock()
-        self._recv_lock = trio.StrictFIFOLock()
+        self._sending = False
+        self._receiving = False
+        self._first_size = first_record_size(sock)
 
     @classmethod
     def from_trio_socket(cls, sock: trio.socket.SocketType) -> FdChannel:
@@ -61,9 +70,11 @@ class FdChannel:
         """The underlying (non-blocking) stdlib socket."""
         return self._sock
 
-    async def _drive(self, gen: Generator[Step, Any, Any], readable: bool) -> Any:
+    async def _drive(
+        self, gen: Generator[Step, Any, Any], readable: bool, first: Any = None
+    ) -> Any:
+        """Run a protocol generator: try each syscall, wait only on BlockingIOError."""
         wait = trio.lowlevel.wait_readable if readable else trio.lowlevel.wait_writable
-        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             step = next(gen)
             while True:
@@ -78,35 +89,56 @@ class FdChannel:
                     continue
                 step = gen.send(result)
         except StopIteration as stop:
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return stop.value
 
     async def send(self, fds: Sequence[int], data: bytes = b"") -> None:
         """Send one message: ``data`` and any number of ``fds`` (which stay open here)."""
         if self._broken:
             raise trio.BrokenResourceError("the channel broke in the middle of a message")
-        async with self._send_lock:
-            try:
-                await self._drive(send_protocol(self._sock, list(fds), data), readable=False)
-            except BaseException:
-                self._broken = True
-                raise
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this FdChannel")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._sending = True
+        try:
+            await self._drive(send_protocol(self._sock, list(fds), data), readable=False)
+        except BaseException:
+            self._broken = True
+            raise
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """Receive one message: ``(data, fds)``. ``EOFError`` if the peer closed cleanly."""
         if self._broken:
             raise trio.BrokenResourceError("the channel broke in the middle of a message")
-        async with self._recv_lock:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this FdChannel")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._receiving = True
+        try:
+            # Try first: a whole single-record message needs no generator and no wait.
             try:
-                result: tuple[bytes, list[int]] = await self._drive(
-                    recv_protocol(self._sock), readable=True
-                )
+                msg, anc, flags, _ = self._sock.recvmsg(self._first_size, ANC_MAX, MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                gen = recv_protocol(self._sock)
+            else:
+                fds = parse_single_record(msg, anc, flags)
+                if fds is not None:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b"", fds
+                gen = recv_protocol(self._sock, (msg, anc, flags))
+            try:
+                result: tuple[bytes, list[int]] = await self._drive(gen, readable=True)
             except EOFError:
                 raise
             except BaseException:
                 self._broken = True
                 raise
-            return result
+        finally:
+            self._receiving = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
 
     async def aclose(self) -> None:
         """Close the socket."""

@@ -43,6 +43,10 @@ from functools import partial
 from typing import Any, TypeAlias
 
 __all__ = [
+    "parse_single_record",
+    "first_record_size",
+    "ANC_MAX",
+    "MSG_CMSG_CLOEXEC",
     "SCM_MAX_FD",
     "FdPassError",
     "send_fds",
@@ -68,6 +72,8 @@ _MAX_DATA = 1 << 30
 _ANC_MAX = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 _FLAG_INLINE = 1
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+ANC_MAX = _ANC_MAX
+MSG_CMSG_CLOEXEC = _CLOEXEC
 _SOL_SOCKET = socket.SOL_SOCKET
 _SCM_RIGHTS = socket.SCM_RIGHTS
 _TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC
@@ -325,6 +331,30 @@ def send_fds(sock: socket.socket, fds: Sequence[int], data: bytes = b"") -> None
     run_blocking(send_protocol(sock, fds, data))
 
 
+def parse_single_record(
+    msg: bytes, anc: list[tuple[int, int, bytes]], flags: int
+) -> list[int] | None:
+    """The fds of a whole data-less message in one record, or None for anything else.
+
+    The header must equal the prebuilt one for that many fds: one comparison checks the
+    magic, version, count and the absence of data. Anything else takes the general path.
+    """
+    if len(anc) == 1 and not flags & _TRUNCATED:
+        level, kind, payload = anc[0]
+        if (
+            msg == _EMPTY_HEADERS[len(payload) >> 2]
+            and kind == _SCM_RIGHTS
+            and level == _SOL_SOCKET
+        ):
+            return array.array("i", payload).tolist()
+    return None
+
+
+def first_record_size(sock: socket.socket) -> int:
+    """How many bytes the first recvmsg of a message may read on this socket."""
+    return _HEADER.size if _sock_type(sock) == _STREAM else _FIRST_SEQPACKET
+
+
 def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Receive one message sent by :func:`send_fds`: ``(data, fds)``, fds close-on-exec.
 
@@ -337,13 +367,9 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     msg, anc, flags, _ = sock.recvmsg(
         _HEADER.size if stream else _FIRST_SEQPACKET, _ANC_MAX, _CLOEXEC
     )
-    if len(anc) == 1 and not flags & _TRUNCATED:
-        # The common case: a header and one batch of fds, no data. The header must be
-        # exactly the prebuilt one for that many fds: one comparison checks it all.
-        level, kind, payload = anc[0]
-        nfds = len(payload) >> 2
-        if msg == _EMPTY_HEADERS[nfds] and kind == _SCM_RIGHTS and level == _SOL_SOCKET:
-            return b"", array.array("i", payload).tolist()
+    fds = parse_single_record(msg, anc, flags)
+    if fds is not None:
+        return b"", fds
     result: tuple[bytes, list[int]] = run_blocking(recv_protocol(sock, (msg, anc, flags)))
     return result
 

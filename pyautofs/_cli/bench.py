@@ -1,0 +1,133 @@
+"""``pyautofs bench``: run the benchmarks in ``benchmarks/`` and print their tables."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .._sys._mount import unshare_mount_namespace
+
+_EXAMPLES = """\
+examples:
+  pyautofs bench list                   the benchmarks there are
+  pyautofs bench fdpass --quick         a short run
+  pyautofs bench trigger --json out.json
+
+The benchmarks live in the repository's benchmarks/ folder, found next to the installed
+package (an editable install) or in ./benchmarks; --dir names another. Each runs in a
+private mount namespace. Figures are ratios against references measured in the same run.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``pyautofs bench``."""
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from benchmarks/ and print its table",
+        description="Run a benchmark side by side with its alternatives and print a table.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", help="a benchmark name, 'list', or 'all'")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
+    p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout)")
+    p.add_argument("--dir", help="the benchmarks folder")
+    p.set_defaults(func=main)
+
+
+def _bench_dir(explicit: str | None) -> Path | None:
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if (c / "README.md").exists() or any(c.glob("*.py")):
+            return c
+    return None
+
+
+def _available(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _load(folder: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"pyautofs_bench_{name}", folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _progress(message: str) -> None:
+    if sys.stderr.isatty():
+        print(f"\r\033[K... {message}", end="", file=sys.stderr, flush=True)
+    else:
+        print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark(s); returns the exit status."""
+    folder = _bench_dir(args.dir)
+    if folder is None:
+        print("pyautofs bench: no benchmarks/ folder found (use --dir)", file=sys.stderr)
+        return 2
+    names = _available(folder)
+    if args.name == "list":
+        for name in names:
+            print(f"{name:<10} {getattr(_load(folder, name), 'TITLE', '')}")
+        return 0
+    chosen = names if args.name == "all" else [args.name]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        print(
+            f"pyautofs bench: no benchmark {unknown[0]!r}; there are: {', '.join(names)}",
+            file=sys.stderr,
+        )
+        return 2
+    if os.geteuid() == 0:
+        unshare_mount_namespace()  # nothing a benchmark mounts can leak onto the machine
+    documents = []
+    for name in chosen:
+        module = _load(folder, name)
+        rows = module.run(args.quick, _progress)
+        if sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n")
+        documents.append({"benchmark": name, "machine": _machine(), "results": rows})
+    if args.json:
+        text = json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
