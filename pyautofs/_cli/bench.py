@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -56,15 +56,16 @@ def _available(folder: Path) -> list[str]:
 
 
 def _load(folder: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"pyautofs_bench_{name}", folder / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(folder))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(folder))
-    return module
+    # Load the folder as a package, so benchmark modules can share helpers by relative import.
+    package = "pyautofs_benchmarks"
+    if package not in sys.modules:
+        module = ModuleType(package)
+        module.__path__ = [str(folder)]
+        sys.modules[package] = module
+    # ... and also as plain modules on sys.path, for absolute imports of shared helpers.
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(f"{package}.{name}")
 
 
 def _machine() -> dict[str, object]:

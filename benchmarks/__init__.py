@@ -1,0 +1,1 @@
+"""The benchmarks that `pyautofs bench` runs; see README.md here."""
