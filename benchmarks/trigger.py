@@ -24,38 +24,20 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-# ``pyautofs bench`` loads this file with benchmarks/ on sys.path, so the shared helpers are
-# the top-level module ``_autofs_common``; mypy maps benchmarks/ to a namespace package.
-if TYPE_CHECKING:
-    from benchmarks._autofs_common import (
-        Server,
-        Workspace,
-        check_environment,
-        enter_private_mount_namespace,
-        key_names,
-        run_clients,
-        start_automount,
-        start_floor,
-        start_serve,
-        summarize_us,
-        tidy,
-    )
-else:
-    from _autofs_common import (
-        Server,
-        Workspace,
-        check_environment,
-        enter_private_mount_namespace,
-        key_names,
-        run_clients,
-        start_automount,
-        start_floor,
-        start_serve,
-        summarize_us,
-        tidy,
-    )
+from ._autofs_common import (
+    Server,
+    Workspace,
+    check_environment,
+    enter_private_mount_namespace,
+    key_names,
+    run_clients,
+    start_automount,
+    start_floor,
+    start_serve,
+    summarize_us,
+    tidy,
+)
 
 TITLE = (
     "stat() of a new key from another session, in us: pyautofs serve, automount(8), a minimal "
