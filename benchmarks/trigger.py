@@ -54,13 +54,13 @@ def _params(quick: bool) -> dict[str, int]:
     return {"rounds": 3, "keys": 300, "concurrent": 1000, "clients": 50}
 
 
-def _start(ws: Workspace, variant: str, mapfile: str) -> Server:
+def _start(ws: Workspace, variant: str, mapfile: str, progress: Callable[[str], None]) -> Server:
     mountpoint = ws.mountpoint(f"mnt-{variant}")
     if variant == "floor":
         return start_floor(ws, mountpoint)
     if variant == "pyautofs":
         return start_serve(ws, mountpoint, mapfile)
-    return start_automount(ws, mountpoint, mapfile)
+    return start_automount(ws, mountpoint, mapfile, progress=progress)
 
 
 def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -93,7 +93,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
         servers = {}
         for variant in VARIANTS:
             progress(f"starting {variant}")
-            servers[variant] = _start(ws, variant, mapfile)
+            servers[variant] = _start(ws, variant, mapfile, progress)
             run_clients(ws, servers[variant].mountpoint, "k", [(0, WARMUP)])
         for r in range(p["rounds"]):
             order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
