@@ -193,8 +193,8 @@ def _pipe_rows(quick: bool, progress: Callable[[str], None]) -> list[dict[str, o
         size = max(64 << 10, nbytes)
         image = PipeImage(size=size, data=data)
         repeats = (20 if quick else 200) if nbytes < (1 << 20) else (5 if quick else 50)
-        ours = _time(lambda image=image: restore_pipe(image), _close_pair, repeats)
-        hand = _time(lambda size=size, data=data: _pipe_by_hand(size, data), _close_pair, repeats)
+        ours = _time(functools.partial(restore_pipe, image), _close_pair, repeats)
+        hand = _time(functools.partial(_pipe_by_hand, size, data), _close_pair, repeats)
         rows.append(
             {
                 "variant": f"restore_pipe {label}",
