@@ -8,9 +8,7 @@ import os
 import sys
 from typing import Any
 
-import trio
-
-from .._engine._serve import ServeConfig, config_for_map, config_from_master, serve
+from .._engine._serve import ServeConfig, config_for_map, config_from_master, run_serve
 
 _EXAMPLES = """\
 examples:
@@ -109,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     )
     argv = [a for a in sys.argv[1:] if a != "--takeover"]
     try:
-        return trio.run(serve, config, argv)
+        return run_serve(config, argv)
     except OSError as exc:
         print(f"pyautofs serve: {exc}", file=sys.stderr)
         return 1

@@ -248,3 +248,8 @@ async def serve(
                         log.info("handed over to pid %d; exiting", pid)
                         break
     return 0
+
+
+def run_serve(config: ServeConfig, argv: Sequence[str]) -> int:
+    """Run :func:`serve` in a fresh trio event loop (for the command line)."""
+    return trio.run(serve, config, argv)
