@@ -16,7 +16,7 @@ import platform
 import pwd
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 import trio
@@ -84,30 +84,54 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
     return out
 
 
-def _variables(requester: Requester) -> dict[str, str]:
-    """The macros automount provides, for this requester."""
-    uname = platform.uname()
-    values = {
-        "UID": str(requester.uid),
-        "GID": str(requester.gid),
-        "HOST": uname.node,
-        "SHOST": uname.node.split(".")[0],
-        "ARCH": uname.machine,
-        "CPU": uname.machine,
-        "OSNAME": uname.system,
-        "OSREL": uname.release,
-        "OSVERS": uname.version,
-    }
-    try:
-        pw = pwd.getpwuid(requester.uid)
-        values["USER"], values["HOME"] = pw.pw_name, pw.pw_dir
-    except KeyError:
-        pass
-    try:
-        values["GROUP"] = grp.getgrgid(requester.gid).gr_name
-    except KeyError:
-        pass
-    return values
+_UNAME = platform.uname()
+_HOST_VARIABLES = {
+    "HOST": _UNAME.node,
+    "SHOST": _UNAME.node.split(".")[0],
+    "ARCH": _UNAME.machine,
+    "CPU": _UNAME.machine,
+    "OSNAME": _UNAME.system,
+    "OSREL": _UNAME.release,
+    "OSVERS": _UNAME.version,
+}
+
+
+class _Variables(Mapping[str, str]):
+    """The macros automount provides, for one requester, computed only when a map uses one.
+
+    Most maps use none, and a passwd lookup per request would cost more than the mount.
+    """
+
+    __slots__ = ("_requester", "_values")
+
+    def __init__(self, requester: Requester) -> None:
+        self._requester = requester
+        self._values: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        if self._values is None:
+            r = self._requester
+            values = {"UID": str(r.uid), "GID": str(r.gid), **_HOST_VARIABLES}
+            try:
+                pw = pwd.getpwuid(r.uid)
+                values["USER"], values["HOME"] = pw.pw_name, pw.pw_dir
+            except KeyError:
+                pass
+            try:
+                values["GROUP"] = grp.getgrgid(r.gid).gr_name
+            except KeyError:
+                pass
+            self._values = values
+        return self._values
+
+    def __getitem__(self, name: str) -> str:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 async def _mount_spec(spec: MountSpec, target: str) -> None:
@@ -157,7 +181,7 @@ class MapServer:
     async def _lookup(self, request: MountRequest) -> MapEntry | None:
         amap = self.maps[request.mount_point]
         key = request.mount_point if self.mounts[request.mount_point].direct else request.key
-        variables = _variables(request.requester)
+        variables = _Variables(request.requester)
         if isinstance(amap, ProgramMap):
             argv, env = amap.command(key, variables)
             with trio.move_on_after(amap.timeout) as scope:

@@ -226,7 +226,7 @@ class SunMap:
             tokens = self.entries.get("*")
             if tokens is None:
                 return None
-        return resolve_entry(key, tokens, self.defaults, variables or {})
+        return resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
 
     def reload(self) -> SunMap:
         """Re-read the file if it changed; returns the current map."""
@@ -341,7 +341,7 @@ class ProgramMap:
         except ValueError:
             log.warning("%s %s: unparsable output", self.path, key)
             return None
-        return resolve_entry(key, tokens, self.defaults, variables or {})
+        return resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
 
     def lookup(self, key: str, variables: Mapping[str, str] | None = None) -> MapEntry | None:
         """Run the program synchronously (with the deadline) and parse its output."""
