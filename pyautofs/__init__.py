@@ -64,6 +64,8 @@ from ._sys._mount import AutofsMode as AutofsMode
 # -- fd passing (_sys._scm)
 from ._sys._scm import FdPassError as FdPassError
 from ._sys._scm import PeerCredentials as PeerCredentials
+from ._sys._scm import accept_peer as accept_peer
 from ._sys._scm import peer_credentials as peer_credentials
 from ._sys._scm import recv_fds as recv_fds
 from ._sys._scm import send_fds as send_fds
+from ._sys._scm import worker_listener as worker_listener

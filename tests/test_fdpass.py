@@ -9,12 +9,21 @@ import re
 import resource
 import signal
 import socket
+import stat
 import struct
 
 import pytest
 import trio
 
-from pyautofs import FdChannel, FdPassError, peer_credentials, recv_fds, send_fds
+from pyautofs import (
+    FdChannel,
+    FdPassError,
+    accept_peer,
+    peer_credentials,
+    recv_fds,
+    send_fds,
+    worker_listener,
+)
 
 KINDS = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 
@@ -241,3 +250,41 @@ async def test_fdchannel_cancelled_mid_message_closes_what_it_got() -> None:
         b.close()
         for fd in files:
             os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+def test_worker_listener_is_private_and_accepts_only_the_expected_peer() -> None:
+    listener, path = worker_listener()
+    listener.settimeout(10)  # a deadline: a child that never connects fails the test
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert not path.startswith("\0")
+        # Our own uid is accepted, and the credentials name us.
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.connect(path)
+        conn, creds = accept_peer(listener, pid=os.getpid())
+        assert creds.pid == os.getpid()
+        conn.close()
+        client.close()
+        # A child that became nobody (after connecting is too late: SO_PEERCRED records
+        # the credentials at connect time) is refused.
+        os.chmod(os.path.dirname(path), 0o755)
+        os.chmod(path, 0o666)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                s.connect(path)
+                s.recv(1)
+            finally:
+                os._exit(0)
+        with pytest.raises(PermissionError, match="refused a connection from pid"):
+            accept_peer(listener)
+        os.waitpid(pid, 0)
+    finally:
+        listener.close()
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))

@@ -56,6 +56,8 @@ __all__ = [
     "run_blocking",
     "peer_credentials",
     "PeerCredentials",
+    "worker_listener",
+    "accept_peer",
 ]
 
 SCM_MAX_FD = 253
@@ -408,3 +410,49 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The peer's (pid, uid, gid) as the kernel recorded them at connect time."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(_UCRED.unpack(raw))
+
+
+def worker_listener(name: str = "worker.sock", *, backlog: int = 16) -> tuple[socket.socket, str]:
+    """A listening AF_UNIX socket for a restore worker: mode 0600 inside a fresh 0700 dir.
+
+    The socket lives in the filesystem (never the abstract namespace, which has no
+    permissions), in a directory only this user can enter, named uniquely so concurrent
+    restores never collide. Returns (socket, path); remove the directory when done.
+    """
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="pyautofs-")  # created 0700
+    path = os.path.join(directory, name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        os.rmdir(directory)
+        raise
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock, path
+
+
+def accept_peer(
+    listener: socket.socket, *, uid: int | None = None, pid: int | None = None
+) -> tuple[socket.socket, PeerCredentials]:
+    """Accept one connection whose peer has the expected uid (default: ours) and pid.
+
+    Connections from anyone else are closed and refused with ``PermissionError`` naming who
+    tried: a restore worker must take fds only from its coordinator.
+    """
+    want_uid = os.getuid() if uid is None else uid
+    conn, _ = listener.accept()
+    creds = peer_credentials(conn)
+    if creds.uid != want_uid or (pid is not None and creds.pid != pid):
+        conn.close()
+        expected = f"uid {want_uid}" + (f", pid {pid}" if pid is not None else "")
+        raise PermissionError(
+            errno.EACCES,
+            f"refused a connection from pid {creds.pid} uid {creds.uid}: expected {expected}",
+        )
+    return conn, creds
