@@ -63,6 +63,7 @@ __all__ = [
     "Server",
     "StopResult",
     "Workspace",
+    "automount_fifo",
     "automount_flag_pid",
     "automount_running",
     "automount_version",
@@ -71,6 +72,7 @@ __all__ = [
     "key_names",
     "mounts_under",
     "percentile",
+    "pin",
     "run_clients",
     "start_automount",
     "start_floor",
@@ -113,6 +115,11 @@ def automount_flag_pid() -> int | None:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def automount_fifo(mountpoint: str) -> str:
+    """The log-priority fifo automount makes in /run for ``mountpoint``."""
+    return "/run/autofs.fifo" + mountpoint.replace("/", "-")
 
 
 def automount_running() -> int | None:
@@ -304,7 +311,7 @@ class Workspace:
         """Remember what automount ``pid`` leaves in /run when it is killed: its flag file and
         the log-priority fifo it makes per mount. :meth:`close` removes them if still there."""
         self._automounts.add(pid)
-        self._fifos.append("/run/autofs.fifo" + mountpoint.replace("/", "-"))
+        self._fifos.append(automount_fifo(mountpoint))
 
     def close(self) -> None:
         """Release waiters, kill leftovers, detach every mount, remove the directory."""
@@ -394,6 +401,12 @@ class Server:
         if not exited:
             self.proc.kill()
         self.proc.wait(10)
+        if self.variant == "automount" and automount_flag_pid() == self.pid:
+            # Killed: remove what it leaves in /run, so that the next one starts cleanly.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(AUTOMOUNT_FLAG)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(automount_fifo(self.mountpoint))
         return StopResult(seconds, self.proc.returncode, not exited)
 
     def log_tail(self, lines: int = 10) -> str:
@@ -403,6 +416,14 @@ class Server:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (threads and children it makes later
+    inherit the affinity of the thread that makes them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def _wait_mounted(server: Server, deadline: float = START_DEADLINE) -> Server:
@@ -552,14 +573,15 @@ def run_clients(
     ranges: Sequence[tuple[int, int]],
     *,
     passes: int = 1,
+    cpus: set[int] | None = None,
     deadline: float = 600.0,
 ) -> list[ClientRun]:
     """Run one client per ``(start, count)`` range of keys ``PREFIX<i>``, all at once.
 
     Every client starts, signals readiness and waits on a gate; the gate opens when all are
     ready. Each client makes ``passes`` passes over its keys (the first triggers mounts, the
-    later ones find them mounted). Clients still running after ``deadline`` seconds are
-    killed and the run fails.
+    later ones find them mounted). ``cpus`` pins every client to those CPUs before the gate
+    opens. Clients still running after ``deadline`` seconds are killed and the run fails.
     """
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -581,6 +603,9 @@ def run_clients(
             if not chunk:
                 break
             seen += len(chunk)
+        if cpus is not None:
+            for proc, _ in procs:
+                pin(proc.pid, cpus)
         os.close(gate_w)
         gate_w = -1
         runs = []

@@ -1,36 +1,49 @@
 """Trigger latency: how long a ``stat()`` of a new key takes, client side.
 
-Three servers run side by side on one map of ``key -fstype=bind :EXPORT`` lines, each on its
-own indirect autofs mount:
+Three servers, on one map of ``key -fstype=bind :EXPORT`` lines:
 
 - ``floor``: a minimal synchronous Python responder (blocking read, mkdir, bind mount,
   READY), the least that answering the kernel from Python costs;
 - ``pyautofs``: ``pyautofs serve MOUNTPOINT MAPFILE``, the trio engine;
 - ``automount``: automount 5.1.8 on a master map naming the same map.
 
-A client in another session stats new keys one after another and times each call with
-``perf_counter_ns``; the same client then stats them again (already mounted). Rounds
-alternate the order of the servers so that drift on a noisy machine hits them alike. Then
-a concurrent phase: many clients at once, each with its own new keys, behind a common gate;
+Each measurement starts its own server on a fresh mount point, warms it up with a few keys
+(not counted) and stops it afterwards, so that every server sees a mount table holding only
+its own keys (automount runs mount(8), which reads the whole table, for every key). Rounds
+interleave the servers in a rotating order, so that drift on a noisy machine hits them
+alike. In each round a client in another session:
+
+- ``new key``: stats new keys one after another, each timed with ``perf_counter_ns``,
+  wherever the scheduler puts client and server;
+- ``already mounted``: stats the same keys again;
+- ``new key, same CPU``: stats other new keys with client and server pinned to CPU 0. On a
+  virtual machine a wake-up of the other, idle vCPU costs tens of microseconds, twice per
+  lookup (the packet wakes the server, READY wakes the client); pinned, that cost is gone
+  and what is left is the server's own work, run to run stable.
+
+Then ``concurrent``: many clients at once, each with its own new keys, behind a common gate;
 throughput is keys over the time from the first client's start to the last one's end.
 
-Each server is warmed up with a few keys first (not counted). automount is stopped with
-SIGKILL (its SIGTERM shutdown, ~110 ms per mounted key, is the ``shutdown`` benchmark's);
-the workspace then releases and detaches what it left.
+automount is stopped with SIGKILL (its SIGTERM shutdown, ~110 ms per mounted key, is the
+``shutdown`` benchmark's subject) and its mounts are cleared for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ._autofs_common import (
     Server,
     Workspace,
     check_environment,
+    detach_under,
     enter_private_mount_namespace,
     key_names,
+    make_catatonic_under,
+    pin,
     run_clients,
     start_automount,
     start_floor,
@@ -54,13 +67,32 @@ def _params(quick: bool) -> dict[str, int]:
     return {"rounds": 3, "keys": 300, "concurrent": 1000, "clients": 50}
 
 
-def _start(ws: Workspace, variant: str, mapfile: str, progress: Callable[[str], None]) -> Server:
-    mountpoint = ws.mountpoint(f"mnt-{variant}")
+@contextlib.contextmanager
+def _serving(
+    ws: Workspace, variant: str, mapfile: str, tag: str, progress: Callable[[str], None]
+) -> Iterator[Server]:
+    """``variant`` serving a fresh mount point, warmed up; stopped and cleared afterwards.
+
+    Every measurement gets its own server and mount point, so that each sees a mount table
+    holding only its own keys: mount(8), which automount runs for every key, reads the whole
+    table each time, and grows slower as the table grows.
+    """
+    mountpoint = ws.mountpoint(f"mnt-{variant}-{tag}")
     if variant == "floor":
-        return start_floor(ws, mountpoint)
-    if variant == "pyautofs":
-        return start_serve(ws, mountpoint, mapfile)
-    return start_automount(ws, mountpoint, mapfile, progress=progress)
+        server = start_floor(ws, mountpoint)
+    elif variant == "pyautofs":
+        server = start_serve(ws, mountpoint, mapfile)
+    else:
+        server = start_automount(ws, mountpoint, mapfile, progress=progress)
+    try:
+        run_clients(ws, mountpoint, "w", [(0, WARMUP)])
+        yield server
+    finally:
+        # automount's graceful shutdown takes ~110 ms per mounted key: that is the shutdown
+        # benchmark's subject, so here it is killed and its mounts are cleared for it.
+        server.stop(signal.SIGKILL if variant == "automount" else signal.SIGTERM, deadline=60.0)
+        make_catatonic_under(mountpoint)
+        detach_under(mountpoint)
 
 
 def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -74,6 +106,23 @@ def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return rows
 
 
+def _phase_rows(
+    phase: str, samples: dict[str, list[int]], failed: dict[str, int]
+) -> list[dict[str, object]]:
+    return _with_ratios(
+        [
+            {
+                "variant": v,
+                "phase": phase,
+                "n": len(samples[v]),
+                **summarize_us(samples[v]),
+                "failed": failed[v],
+            }
+            for v in VARIANTS
+        ]
+    )
+
+
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]:
     """Run the benchmark and return its result rows."""
     problem = check_environment(automount=True)
@@ -81,56 +130,37 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
         raise RuntimeError(f"the trigger benchmark {problem}")
     p = _params(quick)
     enter_private_mount_namespace()
-    sequential = p["rounds"] * p["keys"]
-    new: dict[str, list[int]] = {v: [] for v in VARIANTS}
-    again: dict[str, list[int]] = {v: [] for v in VARIANTS}
-    failed: dict[str, int] = dict.fromkeys(VARIANTS, 0)
-    failed_again: dict[str, int] = dict.fromkeys(VARIANTS, 0)
+    phases = ("new key", "already mounted", "new key, same CPU")
+    samples: dict[str, dict[str, list[int]]] = {ph: {v: [] for v in VARIANTS} for ph in phases}
+    failed: dict[str, dict[str, int]] = {ph: dict.fromkeys(VARIANTS, 0) for ph in phases}
     rows: list[dict[str, object]] = []
     with Workspace() as ws:
-        total = WARMUP + sequential + p["concurrent"]
-        mapfile = ws.write_map("auto.map", key_names("k", 0, total))
-        servers = {}
-        for variant in VARIANTS:
-            progress(f"starting {variant}")
-            servers[variant] = _start(ws, variant, mapfile, progress)
-            run_clients(ws, servers[variant].mountpoint, "k", [(0, WARMUP)])
+        keys = key_names("w", 0, WARMUP) + key_names("k", 0, max(p["keys"], p["concurrent"]))
+        mapfile = ws.write_map("auto.map", keys + key_names("p", 0, p["keys"]))
         for r in range(p["rounds"]):
-            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
-            start = WARMUP + r * p["keys"]
-            for variant in order:
+            for variant in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
                 progress(f"round {r + 1}/{p['rounds']}: {variant}, {p['keys']} new keys")
-                (c,) = run_clients(
-                    ws, servers[variant].mountpoint, "k", [(start, p["keys"])], passes=2
-                )
-                new[variant] += c.passes[0]
-                again[variant] += c.passes[1]
-                failed[variant] += len(c.errors[0])
-                failed_again[variant] += len(c.errors[1])
-        for phase, samples, bad in (
-            ("new key", new, failed),
-            ("already mounted", again, failed_again),
-        ):
-            rows += _with_ratios(
-                [
-                    {
-                        "variant": v,
-                        "phase": phase,
-                        "n": len(samples[v]),
-                        **summarize_us(samples[v]),
-                        "failed": bad[v],
-                    }
-                    for v in VARIANTS
-                ]
-            )
+                with _serving(ws, variant, mapfile, f"r{r}", progress) as server:
+                    (c,) = run_clients(ws, server.mountpoint, "k", [(0, p["keys"])], passes=2)
+                    pin(server.pid, {0})
+                    (same,) = run_clients(ws, server.mountpoint, "p", [(0, p["keys"])], cpus={0})
+                for phase, ns, errors in (
+                    ("new key", c.passes[0], c.errors[0]),
+                    ("already mounted", c.passes[1], c.errors[1]),
+                    ("new key, same CPU", same.passes[0], same.errors[0]),
+                ):
+                    samples[phase][variant] += ns
+                    failed[phase][variant] += len(errors)
+        for phase in phases:
+            rows += _phase_rows(phase, samples[phase], failed[phase])
 
         per = p["concurrent"] // p["clients"]
-        start = WARMUP + sequential
         concurrent = []
         for variant in VARIANTS:
             progress(f"concurrent: {variant}, {p['concurrent']} keys from {p['clients']} clients")
-            ranges = [(start + i * per, per) for i in range(p["clients"])]
-            runs = run_clients(ws, servers[variant].mountpoint, "k", ranges)
+            ranges = [(i * per, per) for i in range(p["clients"])]
+            with _serving(ws, variant, mapfile, "concurrent", progress) as server:
+                runs = run_clients(ws, server.mountpoint, "k", ranges)
             ns = [v for c in runs for v in c.passes[0]]
             wall = (max(c.t1_ns for c in runs) - min(c.t0_ns for c in runs)) / 1e9
             concurrent.append(
@@ -144,9 +174,4 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                 }
             )
         rows += _with_ratios(concurrent)
-        for variant, server in servers.items():
-            # automount's graceful shutdown takes ~110 ms per mounted key: that is the
-            # shutdown benchmark's subject, so here it is killed and the workspace cleans up.
-            sig = signal.SIGKILL if variant == "automount" else signal.SIGTERM
-            server.stop(sig, deadline=60.0)
     return [tidy(row) for row in rows]
