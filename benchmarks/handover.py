@@ -133,6 +133,16 @@ def _variant(name: str, work: Path, seconds: float, nclients: int) -> dict[str, 
             first = _serve(mnt, amap, locks)
             procs.append(first.pid)
         else:
+            # automount(8) runs once per machine: let any other instance finish first.
+            _wait_for(
+                lambda: (
+                    subprocess.run(
+                        ["pgrep", "-x", "automount"], capture_output=True, check=False
+                    ).returncode
+                    != 0
+                ),
+                120,
+            )
             master = work / "auto.master"
             master.write_text(f"{mnt} {amap}\n")
             first = subprocess.Popen(
