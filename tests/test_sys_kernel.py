@@ -290,3 +290,42 @@ def test_bad_pipe_and_timeout_option_errors(tmp_path: Path) -> None:
         mount_autofs(mp, AutofsOptions(fd=0))
     with pytest.raises(ValueError, match="TIMEOUT ioctl"):
         AutofsOptions.from_string("fd=3,timeout=5")
+
+
+def test_offset_mount_triggers_like_direct(tmp_path: Path) -> None:
+    a = make(tmp_path, "offset", mode=AutofsMode.OFFSET)
+    try:
+        assert find_autofs_mount(a.path).mode is AutofsMode.OFFSET
+        c = client(a.path / "x")
+        pkt = a.packet()
+        assert isinstance(pkt, MissingDirect)
+        a.ctl.fail(a.ioctlfd, pkt.token, -errno.ENOENT)
+        assert c.wait(timeout=10) == errno.ENOENT
+    finally:
+        destroy(a)
+
+
+def test_per_key_timeout(autofs: Autofs) -> None:
+    c = client(autofs.path / "key")
+    pkt = autofs.packet()
+    os.mkdir(autofs.path / "key")
+    autofs.ctl.ready(autofs.ioctlfd, pkt.token)
+    assert c.wait(timeout=10) == 0
+    autofs.ctl.set_timeout(autofs.ioctlfd, 1)
+    # Linux >= 6.12: returns the previous effective timeout (the superblock's, 1 s).
+    assert autofs.ctl.set_key_timeout(autofs.ioctlfd, "key", 30) == 1
+    with pytest.raises(FileNotFoundError):
+        autofs.ctl.set_key_timeout(autofs.ioctlfd, "nosuchkey", 30)
+    with pytest.raises(ValueError, match="bare key"):
+        autofs.ctl.set_key_timeout(autofs.ioctlfd, "a/b", 30)
+    os.rmdir(autofs.path / "key")
+
+
+def test_mount_point_with_space_and_newline_in_mountinfo(tmp_path: Path) -> None:
+    a = make(tmp_path, "odd name\nwith newline")
+    try:
+        m = find_autofs_mount(a.path)
+        assert m.mount_point == str(a.path)
+        assert m.dev == a.dev and m.pipe_ino == os.fstat(a.read_fd).st_ino
+    finally:
+        destroy(a)
