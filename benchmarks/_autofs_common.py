@@ -59,6 +59,7 @@ from pyautofs._sys._pipes import PipeFlags, pipe2, set_pipe_size
 
 __all__ = [
     "AUTOMOUNT",
+    "AUTOMOUNT_FLAG",
     "ClientRun",
     "Server",
     "StopResult",
@@ -68,8 +69,10 @@ __all__ = [
     "automount_running",
     "automount_version",
     "check_environment",
+    "detach_under",
     "enter_private_mount_namespace",
     "key_names",
+    "make_catatonic_under",
     "mounts_under",
     "percentile",
     "pin",
