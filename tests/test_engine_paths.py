@@ -1,0 +1,205 @@
+"""The engine answers every token exactly once, on every path, against the real kernel.
+
+The engine runs in the test process (trio); clients are real processes in their own
+sessions, so their lookups trigger. Every test runs under a deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import pyautofs
+from pyautofs.lowlevel import autofs_mounts
+
+pytestmark = pytest.mark.kernel
+
+_CLIENT = """
+import json, os, sys
+out = []
+for path in sys.argv[1:]:
+    try:
+        os.stat(path)
+        out.append(0)
+    except OSError as exc:
+        out.append(exc.errno)
+print(json.dumps(out))
+"""
+
+
+async def lookups(*paths: Path) -> list[int]:
+    """stat() each path from a process in its own session; the errno of each (0 = ok)."""
+    done = await trio.run_process(
+        [sys.executable, "-c", _CLIENT, *map(str, paths)],
+        capture_stdout=True,
+        start_new_session=True,
+    )
+    result: list[int] = json.loads(done.stdout)
+    return result
+
+
+Handler = Callable[[pyautofs.MountRequest], Awaitable[object]]
+
+
+@asynccontextmanager
+async def engine(
+    tmp_path: Path, handler: Handler, **kwargs: object
+) -> AsyncIterator[pyautofs.Automounter]:
+    timeout = kwargs.pop("timeout", 0)
+    am = pyautofs.Automounter(lock_dir=str(tmp_path / "locks"), **kwargs)  # type: ignore[arg-type]
+    am.add_mount(tmp_path / "mnt", handler, timeout=timeout)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(am.run)
+        yield am
+        nursery.cancel_scope.cancel()
+    assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    (tmp_path / "src").mkdir()
+    return tmp_path / "src"
+
+
+async def test_handler_exception_is_enoent_and_oserror_keeps_its_errno(tmp_path: Path) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        if request.key == "boom":
+            raise RuntimeError("a bug in the handler")
+        raise OSError(errno.EHOSTDOWN, "down")
+
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler, negative_timeout=0) as am:
+            assert await lookups(tmp_path / "mnt" / "boom", tmp_path / "mnt" / "down") == [
+                errno.ENOENT,
+                errno.EHOSTDOWN,
+            ]
+            st = am.statistics()
+            assert (st.requests, st.failed, st.ready, st.in_flight) == (2, 2, 0, 0)
+
+
+async def test_hanging_handler_fails_at_its_deadline(tmp_path: Path) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler, request_timeout=0.5):
+            assert await lookups(tmp_path / "mnt" / "slow") == [errno.ETIMEDOUT]
+
+
+async def test_in_flight_handler_is_answered_at_shutdown(tmp_path: Path) -> None:
+    started = trio.Event()
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    results: list[list[int]] = []
+
+    async def client() -> None:
+        results.append(await lookups(tmp_path / "mnt" / "k"))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as outer, engine(tmp_path, handler, shutdown_grace=0.3):
+            outer.start_soon(client)
+            await started.wait()
+            # leaving the block cancels the engine with the handler in flight
+    assert results == [[errno.EHOSTDOWN]]
+
+
+async def test_a_thousand_keys_from_fifty_clients(tmp_path: Path, src: Path) -> None:
+    calls: list[str] = []
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        calls.append(request.key)
+        pyautofs.bind_mount(src, request.path)
+
+    results: dict[int, list[int]] = {}
+    with trio.fail_after(120):
+        async with engine(tmp_path, handler) as am:
+
+            async def client(i: int) -> None:
+                results[i] = await lookups(*(tmp_path / "mnt" / f"k{i}-{j}" for j in range(20)))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(50):
+                    nursery.start_soon(client, i)
+            assert am.statistics().ready == 1000
+            assert len(am.mounted_keys(tmp_path / "mnt")) == 1000
+    assert all(r == [0] * 20 for r in results.values())
+    assert len(calls) == len(set(calls)) == 1000
+
+
+async def test_one_key_from_twenty_processes_mounts_once(tmp_path: Path, src: Path) -> None:
+    calls = 0
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(0.3)  # let every client pile onto the same wait queue
+        pyautofs.bind_mount(src, request.path)
+
+    results: list[list[int]] = []
+    with trio.fail_after(60):
+        async with engine(tmp_path, handler):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+
+                    async def client() -> None:
+                        results.append(await lookups(tmp_path / "mnt" / "shared"))
+
+                    nursery.start_soon(client)
+            with open("/proc/self/mountinfo") as f:
+                assert f.read().count(str(tmp_path / "mnt" / "shared") + " ") == 1
+    assert results == [[0]] * 20
+    assert calls == 1
+
+
+async def test_negative_cache_fails_fast_then_retries(tmp_path: Path) -> None:
+    calls = 0
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.ENOENT, "no")
+
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler, negative_timeout=0.5) as am:
+            key = tmp_path / "mnt" / "ghost"
+            assert await lookups(key, key) == [errno.ENOENT, errno.ENOENT]
+            assert calls == 1 and am.statistics().negative_hits == 1
+            await trio.sleep(0.6)
+            assert await lookups(key) == [errno.ENOENT]
+            assert calls == 2
+
+
+async def test_expire_unmounts_idle_keys_and_spares_busy_ones(tmp_path: Path, src: Path) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(src, request.path)
+
+    with trio.fail_after(60):
+        async with engine(tmp_path, handler, timeout=1) as am:
+            mnt = tmp_path / "mnt"
+            assert await lookups(mnt / "idle", mnt / "busy") == [0, 0]
+            # A process that keeps its cwd inside "busy" makes it busy.
+            holder = await trio.lowlevel.open_process(
+                [sys.executable, "-c", "import time; time.sleep(60)"],
+                cwd=str(mnt / "busy"),
+                start_new_session=True,
+            )
+            try:
+                expired = await am.expire(immediate=True)
+                assert expired == 1
+                assert am.mounted_keys(mnt) == {"busy"}
+                assert not (mnt / "idle").exists()
+                assert os.path.ismount(mnt / "busy")
+            finally:
+                holder.kill()
+                await holder.wait()
