@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -203,3 +205,76 @@ async def test_expire_unmounts_idle_keys_and_spares_busy_ones(tmp_path: Path, sr
             finally:
                 holder.kill()
                 await holder.wait()
+
+
+@pytest.mark.skipif(shutil.which("automount") is None, reason="needs Debian's autofs (automount)")
+async def test_adopts_a_mount_left_by_a_killed_automount(tmp_path: Path, src: Path) -> None:
+    (src / "marker").write_text("x")
+    mnt = tmp_path / "mnt"
+    amap = tmp_path / "auto.map"
+    amap.write_text(f"* -fstype=bind :{src}\n")
+    master = tmp_path / "auto.master"
+    master.write_text(f"{mnt} {amap}\n")
+    with trio.fail_after(120):
+        while (await trio.run_process(["pgrep", "-x", "automount"], check=False)).returncode == 0:
+            await trio.sleep(0.1)  # automount(8) runs once per machine
+        daemon = await trio.lowlevel.open_process(
+            ["setsid", "automount", "-f", "-t", "0", str(master)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while not [m for m in autofs_mounts() if m.mount_point == str(mnt)]:
+                await trio.sleep(0.05)
+            assert await lookups(mnt / "before" / "marker") == [0]
+        finally:
+            daemon.kill()
+            await daemon.wait()
+
+        async def handler(request: pyautofs.MountRequest) -> None:
+            pyautofs.bind_mount(src, request.path)
+
+        async with engine(tmp_path, handler) as am:
+            assert "before" in am.mounted_keys(mnt)  # rediscovered
+            assert await lookups(mnt / "before" / "marker", mnt / "after" / "marker") == [0, 0]
+
+
+async def test_direct_and_offset_mounts_served(tmp_path: Path, src: Path) -> None:
+    (src / "marker").write_text("x")
+    seen: list[tuple[str, str]] = []
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        seen.append((request.mode.value, request.key))
+        pyautofs.bind_mount(src, request.path)
+
+    am = pyautofs.Automounter(lock_dir=str(tmp_path / "locks"))
+    for name, mode in (("direct", "direct"), ("offset", "offset")):
+        (tmp_path / name).mkdir()
+        am.add_mount(tmp_path / name, handler, mode=mode)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(am.run)
+            paths = (tmp_path / "direct" / "marker", tmp_path / "offset" / "marker")
+            assert await lookups(*paths) == [0, 0]
+            nursery.cancel_scope.cancel()
+    assert sorted(seen) == [("direct", ""), ("offset", "")]
+    assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]
+
+
+async def test_a_malformed_packet_is_logged_and_skipped(
+    tmp_path: Path, src: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(src, request.path)
+
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler) as am:
+            (read_fd,) = [m.read_fd for m in am._mounts.values()]
+            # Reopening the read end through /proc gives a write end of the same pipe.
+            w = os.open(f"/proc/self/fd/{read_fd}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(w, b"\x05\x00\x00\x00\x63\x00\x00\x00" + b"\0" * 296)
+            finally:
+                os.close(w)
+            assert await lookups(tmp_path / "mnt" / "fine") == [0]
+    assert "malformed packet ignored: unknown packet type 99" in caplog.text
