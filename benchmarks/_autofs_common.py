@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from pyautofs._sys._autofs import AutofsControl
+from pyautofs._sys._libc import libc
 from pyautofs._sys._mount import (
     AutofsOptions,
     MountFlags,
@@ -254,6 +255,53 @@ def detach_under(root: str) -> None:
 
 # -- workspace --------------------------------------------------------------------------
 
+_PR_SET_PDEATHSIG = 1
+_OWNER = "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(prefix: str) -> None:
+    """Remove what benchmarks killed outright left: their workspace directories (whose owner
+    process is gone) and the fifos their automount left in /run. Their mounts and processes
+    died with them (see :func:`_die_with_parent`)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        root = os.path.join(tmp, name)
+        if not name.startswith(prefix) or not os.path.isdir(root):
+            continue
+        try:
+            with open(os.path.join(root, _OWNER)) as f:
+                owner = int(f.read())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if _alive(owner) or mounts_under(root):
+            continue
+        fifo_prefix = os.path.basename(automount_fifo(root)) + "-"
+        for fifo in os.listdir("/run"):
+            if fifo.startswith(fifo_prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join("/run", fifo))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: be SIGKILLed when the benchmark process dies.
+
+    Servers and clients run in their own sessions and keep the private mount namespace
+    alive, so a benchmark killed outright would otherwise leave them, and their mounts,
+    behind. (The setting survives exec; the parent is single-threaded, so fork is safe.)
+    """
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
 
 class Workspace:
     """A temporary directory with an export, maps and mount points, and its processes.
@@ -262,7 +310,10 @@ class Workspace:
     """
 
     def __init__(self, prefix: str = "pyautofs-bench-") -> None:
+        _sweep_stale(prefix)
         self.root = tempfile.mkdtemp(prefix=prefix)
+        with open(os.path.join(self.root, _OWNER), "w") as f:
+            f.write(f"{os.getpid()}\n")
         self.export = os.path.join(self.root, "export")
         os.mkdir(self.export)
         with open(os.path.join(self.export, _MARKER), "w") as f:
@@ -303,9 +354,15 @@ class Workspace:
         return self.write(name, text)
 
     def spawn(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        """Start a process in its own session; it is SIGKILLed at close if still alive."""
+        """Start a process in its own session; it is SIGKILLed at close if still alive, and
+        by the kernel if this process dies first (say, killed at a test's deadline)."""
+        # preexec_fn runs one prctl between fork and exec; glibc keeps that fork-safe even
+        # if some idle thread is left from an earlier benchmark.
         proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-            list(argv), start_new_session=True, **kwargs
+            list(argv),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            **kwargs,
         )
         self.procs.append(proc)
         return proc
