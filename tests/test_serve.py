@@ -265,3 +265,22 @@ def test_sigusr2_hands_over_without_failing_a_lookup(tree: Path) -> None:
         ):
             time.sleep(0.05)
     assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tree))]
+
+
+def test_sighup_rereads_the_map(tree: Path) -> None:
+    exports = tree / "exports"
+    amap = tree / "auto.test"
+    amap.write_text(f"alpha :{exports}/alpha\n")
+    server = Server(tree, str(tree / "mnt"), str(amap), "--negative-timeout", "0")
+    try:
+        assert lookup(tree / "mnt" / "beta" / "f")[0] == 2
+        amap.write_text(f"alpha :{exports}/alpha\nbeta :{exports}/beta\n")
+        os.utime(amap, (time.time() + 5, time.time() + 5))  # a new mtime even within a tick
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "maps re-read" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
+        assert lookup(tree / "mnt" / "beta" / "f") == (0, "beta")
+    finally:
+        assert server.stop() == 0
