@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 
-def bench(name: str) -> tuple[str, dict[str, Any]]:
+def bench(name: str, *extra: str) -> tuple[str, dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", "pyautofs", "bench", name, "--quick", "--json", "-"],
+        [sys.executable, "-m", "pyautofs", "bench", name, "--quick", "--json", "-", *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -36,8 +37,9 @@ def test_bench_list_names_the_benchmarks() -> None:
     assert "fdpass" in out and "handover" in out
 
 
-def test_fdpass_quick_has_every_variant_and_ratio() -> None:
-    table, doc = bench("fdpass")
+def test_fdpass_quick_has_every_variant_and_ratio(tmp_path: Path) -> None:
+    table, doc = bench("fdpass", "--plot", str(tmp_path / "fdpass.png"))
+    assert (tmp_path / "fdpass.png").read_bytes().startswith(b"\x89PNG")
     assert doc["benchmark"] == "fdpass"
     assert {"kernel", "python", "cpus"} <= set(doc["machine"])
     rows = doc["results"]

@@ -39,6 +39,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout)")
     p.add_argument("--dir", help="the benchmarks folder")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the comparison (needs the 'plot' extra: matplotlib)",
+    )
     p.set_defaults(func=main)
 
 
@@ -89,6 +94,46 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
+    """A grouped bar chart of the first numeric metric, per variant, by batch or n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = {"variant", "batch", "n", "phase"}
+    metric = next(
+        (k for r in rows for k, v in r.items() if k not in skip and isinstance(v, (int, float))),
+        None,
+    )
+    if metric is None:
+        raise ValueError(f"{name}: no numeric metric to plot")
+    groups: list[str] = []
+    variants: list[str] = []
+    values: dict[tuple[str, str], float] = {}
+    for r in rows:
+        value = r.get(metric)
+        if not isinstance(value, (int, float)):
+            continue
+        group = str(r.get("batch", r.get("n", r.get("phase", ""))))
+        variant = str(r.get("variant", ""))
+        groups += [group] if group not in groups else []
+        variants += [variant] if variant not in variants else []
+        values[(group, variant)] = float(value)
+    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 1.6), 4))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [values.get((grp, variant), 0.0) for grp in groups], width, label=variant)
+    ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel(metric)
+    ax.set_title(f"pyautofs bench {name}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _progress(message: str) -> None:
     if sys.stderr.isatty():
         print(f"\r\033[K... {message}", end="", file=sys.stderr, flush=True)
@@ -125,6 +170,15 @@ def main(args: argparse.Namespace) -> int:
             print("\r\033[K", end="", file=sys.stderr)
         print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n")
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
+        if args.plot:
+            try:
+                _plot(name, rows, args.plot)
+            except ImportError:
+                print(
+                    "pyautofs bench: --plot needs matplotlib: pip install 'pyautofs[plot]'",
+                    file=sys.stderr,
+                )
+                return 2
     if args.json:
         text = json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
         if args.json == "-":
