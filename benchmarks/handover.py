@@ -117,6 +117,9 @@ def _pids_reading(mnt: Path) -> list[int]:
 def _cleanup(mnt: Path) -> None:
     for _ in range(4):
         subprocess.run(["umount", "-R", "-l", str(mnt)], capture_output=True, check=False)
+    # A killed automount(8) leaves its per-mount log-priority fifo behind.
+    fifo = Path("/run") / ("autofs.fifo-" + str(mnt).strip("/").replace("/", "-"))
+    fifo.unlink(missing_ok=True)
 
 
 def _variant(name: str, work: Path, seconds: float, nclients: int) -> dict[str, object]:

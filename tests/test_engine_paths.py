@@ -230,6 +230,9 @@ async def test_adopts_a_mount_left_by_a_killed_automount(tmp_path: Path, src: Pa
         finally:
             daemon.kill()
             await daemon.wait()
+            # A killed automount(8) leaves its per-mount log-priority fifo behind.
+            fifo = Path("/run") / ("autofs.fifo-" + str(mnt).strip("/").replace("/", "-"))
+            fifo.unlink(missing_ok=True)
 
         async def handler(request: pyautofs.MountRequest) -> None:
             pyautofs.bind_mount(src, request.path)
