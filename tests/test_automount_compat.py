@@ -219,23 +219,29 @@ def test_master_map_with_indirect_and_direct_gives_the_same_results(tmp_path: Pa
     assert by_automount == by_serve
 
 
-@pytest.mark.xfail(reason="offsets not yet served", strict=False)
 def test_multimount_entry_gives_the_same_results(tmp_path: Path) -> None:
-    """``multi / :EXPORTS/alpha /sub :EXPORTS/beta``: the root and its offset.
+    """Multi-mount entries: a root with nested offsets, and offsets without a root.
 
-    automount(8) mounts the root, then makes the offset's directory ``sub`` inside it, that
-    is, inside the export ``alpha`` (where it stays after automount exits), and puts an
-    offset trigger on it. Until pyautofs serve mounts offsets (it logs "offsets ... are not
-    served; root only"), ``multi/sub`` is ENOENT and ``multi/`` lists only ``f``.
+    Both servers put an offset trigger on each offset, mounting it only when something
+    walks into it; both make an offset's directory inside the root mount when it is
+    missing (so ``sub`` appears inside the export ``alpha`` and stays there), and both
+    make the directories of a rootless entry inside the autofs file system.
     """
     exports = tmp_path / "exports"
     mnt = tmp_path / "mnt"
     amap = tmp_path / "auto.multi"
-    amap.write_text(f"multi / :{exports}/alpha /sub :{exports}/beta\n")
+    amap.write_text(
+        f"multi / :{exports}/alpha /sub :{exports}/beta /sub/deep :{exports}/gamma\n"
+        f"noroot /a :{exports}/alpha /b/c :{exports}/beta\n"
+    )
     lookups: list[Lookup] = [
         ("multi/f", "read", mnt / "multi" / "f"),
-        ("multi/sub/f", "read", mnt / "multi" / "sub" / "f"),
         ("multi/", "list", mnt / "multi"),
+        ("multi/sub/f", "read", mnt / "multi" / "sub" / "f"),
+        ("multi/sub/deep/f", "read", mnt / "multi" / "sub" / "deep" / "f"),
+        ("noroot/", "list", mnt / "noroot"),
+        ("noroot/a/f", "read", mnt / "noroot" / "a" / "f"),
+        ("noroot/b/c/f", "read", mnt / "noroot" / "b" / "c" / "f"),
         ("mnt/ at the end", "list", mnt),
     ]
     master = indirect_master(tmp_path, mnt, amap)

@@ -24,6 +24,7 @@ The kernel's rules shape the design (``reference/autofs-kernel.md``):
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -32,7 +33,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
 import attrs
 import trio
@@ -66,6 +67,7 @@ __all__ = [
     "MountHandler",
     "ExpireHandler",
     "MountPointBusyError",
+    "UnregisteredHandler",
 ]
 
 log = logging.getLogger("pyautofs")
@@ -74,6 +76,8 @@ MountHandler = Callable[[MountRequest], Awaitable[object]]
 """An async function that mounts what a :class:`MountRequest` asks for."""
 ExpireHandler = Callable[[ExpireRequest], Awaitable[object]]
 """An async function that unmounts what an :class:`ExpireRequest` names."""
+UnregisteredHandler = Callable[[str, AutofsMode], MountHandler | None]
+"""Given the path and mode of an autofs mount nobody registered, its handler (or None)."""
 
 _PACKET_BUFSIZE = 512  # > 304: one read returns one whole packet
 _PIPE_SIZE = 1 << 20  # 256 one-page slots: 256 queued requests before the kernel blocks
@@ -120,6 +124,12 @@ class _Mount:
     def key_path(self, key: str) -> str:
         return f"{self.path}/{key}" if key else self.path
 
+    @property
+    def keeps_ioctlfd(self) -> bool:
+        # An open fd on an offset mount pins it: the kernel would then never find the
+        # key above it idle (may_umount_tree counts the reference). Offsets open one per use.
+        return self.mode is not AutofsMode.OFFSET
+
 
 class Automounter:
     """A trio automounter: register mounts with async handlers, then ``run`` it.
@@ -151,6 +161,11 @@ class Automounter:
             catatonic for an instant, then to this engine). Without it, that is an error.
         lock_dir: where the per-mount-point lock files live.
         pipe_size: request pipe size in bytes (each queued request takes one page).
+        unregistered_handler: called with the path and mode of an autofs mount that a
+            predecessor hands over but nobody registered here (say, an offset mount a map
+            server made on demand); the handler it returns keeps it served. Without one,
+            or when it returns None, such a mount fails its lookups and is removed once
+            the handover ends.
     """
 
     def __init__(
@@ -163,6 +178,7 @@ class Automounter:
         takeover: bool = False,
         lock_dir: str = "/run/pyautofs",
         pipe_size: int = _PIPE_SIZE,
+        unregistered_handler: UnregisteredHandler | None = None,
     ) -> None:
         self.request_timeout = request_timeout
         self.negative_timeout = negative_timeout
@@ -170,6 +186,7 @@ class Automounter:
         self.takeover = takeover
         self.lock_dir = lock_dir
         self.pipe_size = pipe_size
+        self.unregistered_handler = unregistered_handler
         self._limiter = trio.Semaphore(max_concurrent)
         self._mounts: dict[str, _Mount] = {}
         self._ctl: AutofsControl | None = None
@@ -384,8 +401,13 @@ class Automounter:
                 )
             finally:
                 child.close()
-            fds = [fd for m in mounts for fd in (m.read_fd, m.ioctlfd, m.lock_fd)]
-            send_state(parent, [self._mount_state(m) for m in mounts], fds)
+            with contextlib.ExitStack() as stack:
+                fds = [
+                    fd
+                    for m in mounts
+                    for fd in (m.read_fd, stack.enter_context(self._ioctl_fd(m)), m.lock_fd)
+                ]
+                send_state(parent, [self._mount_state(m) for m in mounts], fds)
             reply = b""
             with trio.move_on_after(timeout):
                 reply = await tsock.recv(65536)
@@ -451,19 +473,24 @@ class Automounter:
         for st, read_fd, ioctlfd, lock_fd in inherited:
             m = self._mounts.get(st.path)
             if m is None:
-                # Mounted by the predecessor but not registered here (the map dropped it):
-                # serve it with a handler that fails, then remove it once the handover ends.
+                # Mounted by the predecessor but not registered here: the owner of this
+                # engine may still want it (an on-demand offset mount); otherwise (the map
+                # dropped it) serve it with a handler that fails, and remove it at the end.
+                handler = None
+                if self.unregistered_handler is not None:
+                    handler = self.unregistered_handler(st.path, AutofsMode(st.mode))
                 m = _Mount(
                     st.path,
                     AutofsMode(st.mode),
-                    _no_such_key,
+                    handler or _no_such_key,
                     None,
                     st.timeout,
                     st.strictexpire,
                     {},
                 )
                 self._mounts[st.path] = m
-                orphans.append(st.path)
+                if handler is None:
+                    orphans.append(st.path)
             self._inherit(m, st, read_fd, ioctlfd, lock_fd)
         for m in list(self._mounts.values()):
             if m.read_fd < 0:
@@ -503,6 +530,7 @@ class Automounter:
             m.negative[key] = (now + left, err)
         if m.timeout != st.timeout:
             self._ctl.set_timeout(m.ioctlfd, m.timeout)
+        self._drop_ioctlfd_if_pinning(m)
         os.set_blocking(read_fd, False)
         m.adopted = True
         self._serve(m)
@@ -559,6 +587,7 @@ class Automounter:
                     m.dev = mount_autofs(m.path, options)
                     m.ioctlfd = self._ctl.openmount(m.path, m.dev)
                     self._ctl.set_timeout(m.ioctlfd, m.timeout)
+                self._drop_ioctlfd_if_pinning(m)
             except BaseException:
                 os.close(r)
                 raise
@@ -571,13 +600,19 @@ class Automounter:
             raise
         m.read_fd = r
         self._serve(m)
-        log.info(
+        log.log(
+            logging.DEBUG if m.mode is AutofsMode.OFFSET else logging.INFO,
             "%s %s autofs mount at %s (timeout %ss)",
             "adopted" if m.adopted else "serving",
             m.mode.value,
             m.path,
             m.timeout,
         )
+
+    def _drop_ioctlfd_if_pinning(self, m: _Mount) -> None:
+        if not m.keeps_ioctlfd and m.ioctlfd >= 0:
+            os.close(m.ioctlfd)
+            m.ioctlfd = -1
 
     def _serve(self, m: _Mount) -> None:
         assert self._nursery is not None
@@ -770,16 +805,30 @@ class Automounter:
 
     # -- answering ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _ioctl_fd(self, m: _Mount) -> Iterator[int]:
+        """The mount's ioctl fd: the one it keeps, or (offset mounts) one opened for this use."""
+        assert self._ctl is not None
+        if m.ioctlfd >= 0:
+            yield m.ioctlfd
+            return
+        fd = self._ctl.openmount(m.path, m.dev)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def _answer(
         self, m: _Mount, token: int, status: int, key: str, t0: float, *, count: bool = True
     ) -> None:
         """Answer ``token``; never raises (a token the kernel no longer knows is logged)."""
         assert self._ctl is not None
         try:
-            if status == 0:
-                self._ctl.ready(m.ioctlfd, token)
-            else:
-                self._ctl.fail(m.ioctlfd, token, status)
+            with self._ioctl_fd(m) as fd:
+                if status == 0:
+                    self._ctl.ready(fd, token)
+                else:
+                    self._ctl.fail(fd, token, status)
         except OSError as exc:
             log.warning("%s: answering token %d for %r failed: %s", m.path, token, key, exc)
         if count:
@@ -996,9 +1045,10 @@ class Automounter:
         if m.reader_scope is not None:
             m.reader_scope.cancel()
         self._drain(m)
-        if m.ioctlfd >= 0 and not m.lost:
+        if m.dev and not m.lost:
             try:
-                self._ctl.catatonic(m.ioctlfd)
+                with self._ioctl_fd(m) as fd:
+                    self._ctl.catatonic(fd)
             except OSError as exc:
                 log.warning("%s: CATATONIC failed: %s", m.path, exc)
         if busy:
@@ -1027,7 +1077,7 @@ class Automounter:
 
     def _drain(self, m: _Mount) -> None:
         """Fail every request still queued in the pipe: no token is left unanswered."""
-        if m.read_fd < 0 or m.ioctlfd < 0:
+        if m.read_fd < 0 or not m.dev:
             return
         while True:
             try:

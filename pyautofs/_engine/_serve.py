@@ -21,10 +21,20 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
-from .._maps._sun import MapEntry, MountSpec, ProgramMap, SunMap, load_map, parse_master_map
-from ._automounter import Automounter
+from .._maps._sun import (
+    MapEntry,
+    MountSpec,
+    OffsetMount,
+    ProgramMap,
+    SunMap,
+    load_map,
+    parse_master_map,
+)
+from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
+from .._sys._mountinfo import read_mountinfo
+from ._automounter import Automounter, MountHandler
 from ._helpers import bind_mount, mount_tmpfs, run_mount
-from ._requests import MountRequest, Requester
+from ._requests import ExpireRequest, MountRequest, Requester
 
 __all__ = ["ServeConfig", "MountConfig", "serve", "config_from_master", "config_for_map"]
 
@@ -144,8 +154,28 @@ async def _mount_spec(spec: MountSpec, target: str) -> None:
         await run_mount(target, spec.source, spec.fstype, spec.options)
 
 
+def _depth(path: str) -> int:
+    return path.count("/")
+
+
+def _enclosing_offset(offset: str, offsets: Sequence[str]) -> str:
+    """The nearest offset of the same entry that contains ``offset`` (``"/"``: the key)."""
+    best = "/"
+    for o in offsets:
+        if offset.startswith(o + "/") and len(o) > len(best):
+            best = o
+    return best
+
+
 class MapServer:
-    """Serves the mounts of a :class:`ServeConfig` with one :class:`Automounter`."""
+    """Serves the mounts of a :class:`ServeConfig` with one :class:`Automounter`.
+
+    A multi-mount entry (``key / :/x /sub :/y``) is served as automount(8) serves it: the
+    root (if any) is mounted on the key, and each offset gets its own autofs trigger (an
+    ``offset`` mount, registered with the same engine), which mounts its location only when
+    something walks into it. Offsets inside offsets get their triggers once the enclosing
+    offset is mounted. When the kernel expires the key, the offsets go first, deepest first.
+    """
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -154,9 +184,12 @@ class MapServer:
             negative_timeout=config.negative_timeout,
             request_timeout=config.request_timeout,
             lock_dir=config.lock_dir,
+            unregistered_handler=self._handler_for_unregistered,
         )
         self.maps: dict[str, SunMap | ProgramMap] = {}
         self.mounts: dict[str, MountConfig] = {}
+        self._entries: dict[str, MapEntry] = {}
+        """Key path -> the multi-mount entry it was mounted from (for its offsets)."""
         for mc in config.mounts:
             self._register(mc)
 
@@ -173,15 +206,15 @@ class MapServer:
         self.automounter.add_mount(
             mc.mount_point,
             self._on_missing,
+            on_expire=self._on_expire,
             mode="direct" if mc.direct else "indirect",
             timeout=mc.timeout,
             strictexpire=mc.strictexpire,
         )
 
-    async def _lookup(self, request: MountRequest) -> MapEntry | None:
-        amap = self.maps[request.mount_point]
-        key = request.mount_point if self.mounts[request.mount_point].direct else request.key
-        variables = _Variables(request.requester)
+    async def _lookup(self, mount_point: str, key: str, requester: Requester) -> MapEntry | None:
+        amap = self.maps[mount_point]
+        variables = _Variables(requester)
         if isinstance(amap, ProgramMap):
             argv, env = amap.command(key, variables)
             with trio.move_on_after(amap.timeout) as scope:
@@ -196,24 +229,176 @@ class MapServer:
             return amap.parse_output(key, done.stdout, done.returncode, variables)
         return amap.lookup(key, variables)
 
+    def _key_of(self, mount_point: str, key: str) -> str:
+        return mount_point if self.mounts[mount_point].direct else key
+
     async def _on_missing(self, request: MountRequest) -> None:
-        entry = await self._lookup(request)
+        mp = request.mount_point
+        entry = await self._lookup(mp, self._key_of(mp, request.key), request.requester)
         if entry is None:
             raise OSError(errno.ENOENT, "no such key in the map", request.path)
         root = entry.root
-        if root is None:
-            raise OSError(
-                errno.ENOENT,
-                "multi-mount entries without a root mount are not served",
-                request.path,
-            )
-        if len(entry.mounts) > 1:
-            log.warning(
-                "%s: offsets of multi-mount entry %r are not served; root only",
-                request.mount_point,
-                entry.key,
-            )
-        await _mount_spec(root, request.path)
+        if root is not None:
+            await _mount_spec(root, request.path)
+        if len(entry.mounts) == 1 and root is not None:
+            return
+        try:
+            if root is not None:
+                # Triggers mounted inside a bind of a shared mount would propagate back
+                # into the source tree; keep them in this mount only.
+                mount(None, request.path, None, MountFlags.PRIVATE)
+            self._entries[request.path] = entry
+            if not self._mount_triggers(request.path, entry, "/"):
+                raise OSError(errno.ENOENT, "no offset of the entry could be set up", request.path)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._unmount_tree(request.path)
+            raise
+
+    def _mount_triggers(self, key_path: str, entry: MapEntry, below: str) -> int:
+        """Put an offset trigger on each offset directly below ``below``; how many went up."""
+        offsets = [m.offset for m in entry.mounts if m.offset != "/"]
+        count = 0
+        for offset in offsets:
+            if _enclosing_offset(offset, offsets) != below:
+                continue
+            target = key_path + offset
+            try:
+                self.automounter.add_mount(target, self._on_offset, mode=AutofsMode.OFFSET)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: offset %s of %r not served: %s", key_path, offset, entry.key, exc)
+                continue
+            count += 1
+        return count
+
+    def _split_offset(self, path: str) -> tuple[str, str, str] | None:
+        """(served mount point, key path, offset) of an offset trigger at ``path``."""
+        mp = max(
+            (p for p in self.mounts if path.startswith(p.rstrip("/") + "/")),
+            key=len,
+            default=None,
+        )
+        if mp is None:
+            return None
+        if self.mounts[mp].direct:
+            return mp, mp, path[len(mp) :]
+        key, _, rest = path[len(mp) + 1 :].partition("/")
+        if not rest:
+            return None
+        return mp, f"{mp}/{key}", "/" + rest
+
+    def _handler_for_unregistered(self, path: str, mode: AutofsMode) -> MountHandler | None:
+        if mode is AutofsMode.OFFSET and self._split_offset(path) is not None:
+            return self._on_offset
+        return None
+
+    async def _on_offset(self, request: MountRequest) -> None:
+        """An offset trigger fired: mount that offset's location on it."""
+        where = self._split_offset(request.path)
+        if where is None:
+            raise OSError(errno.ENOENT, "offset outside every served mount", request.path)
+        mp, key_path, offset = where
+        entry = self._entries.get(key_path)
+        if entry is None:  # adopted, or handed over: resolve the entry again
+            key = self._key_of(mp, key_path[len(mp) + 1 :])
+            entry = await self._lookup(mp, key, request.requester)
+            if entry is None:
+                raise OSError(errno.ENOENT, "the key is no longer in the map", request.path)
+            self._entries[key_path] = entry
+        spec: OffsetMount | None = next((m for m in entry.mounts if m.offset == offset), None)
+        if spec is None:
+            raise OSError(errno.ENOENT, f"the entry has no offset {offset}", request.path)
+        await _mount_spec(spec.spec, request.path)
+        self._mount_triggers(key_path, entry, offset)
+
+    async def _on_expire(self, request: ExpireRequest) -> None:
+        """The kernel found the key idle: unmount its offsets (deepest first), then it."""
+        await self._unmount_tree(request.path)
+
+    async def _unmount_tree(self, key_path: str) -> None:
+        """Unmount everything at and below ``key_path`` that serving it put there.
+
+        Deepest first: what covers an offset, then the offset's trigger (through the
+        engine, or directly for the leftovers of a dead server), then the enclosing mount.
+        A busy mount raises EBUSY; the triggers of the offsets still reachable are put back,
+        so nothing is lost and the key stays usable.
+        """
+        infos = read_mountinfo()
+        prefix = key_path.rstrip("/") + "/"
+        below = [
+            (i.mount_point, n, i.fstype)
+            for n, i in enumerate(infos)
+            if i.mount_point.startswith(prefix)
+        ]
+        # Deeper paths first; on one path, the mount on top (listed later) first.
+        below.sort(key=lambda t: (_depth(t[0]), t[1]), reverse=True)
+        served = set(self.automounter.mount_points)
+        try:
+            for path, _, fstype in below:
+                if fstype != "autofs":
+                    umount2(path, UmountFlags.NOFOLLOW)
+                elif path in served:
+                    if not await self.automounter.remove_mount(path):
+                        raise OSError(errno.EBUSY, "an offset is in use", path)
+                else:
+                    umount2(path, UmountFlags.DETACH | UmountFlags.NOFOLLOW)
+            if any(i.mount_point == key_path and i.fstype != "autofs" for i in infos):
+                umount2(key_path, UmountFlags.NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                self._restore_triggers(key_path)
+            raise
+        self._entries.pop(key_path, None)
+        if os.path.isdir(key_path):
+            # No root mount: the offsets' directories were made in the autofs file system
+            # itself; the key can only be looked up afresh once they are gone.
+            for dirpath, _dirs, _files in os.walk(key_path, topdown=False):
+                if dirpath != key_path:
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass
+
+    def _restore_triggers(self, key_path: str) -> None:
+        """After a refused expire: triggers back on every offset whose parent is mounted."""
+        entry = self._entries.get(key_path)
+        if entry is None:
+            return
+        covered = {i.mount_point for i in read_mountinfo() if i.fstype != "autofs"}
+        offsets = [m.offset for m in entry.mounts if m.offset != "/"]
+        for below in ("/", *sorted(offsets, key=_depth)):
+            if below == "/":
+                if entry.root is not None and key_path not in covered:
+                    continue
+            elif key_path + below not in covered:
+                continue
+            for offset in offsets:
+                target = key_path + offset
+                if (
+                    _enclosing_offset(offset, offsets) == below
+                    and target not in self.automounter.mount_points
+                ):
+                    try:
+                        self.automounter.add_mount(target, self._on_offset, mode=AutofsMode.OFFSET)
+                    except (OSError, ValueError) as exc:
+                        log.warning("%s: offset trigger not restored: %s", target, exc)
+
+    async def adopt_offsets(self) -> None:
+        """Adopt the offset triggers a dead server left under the served mounts."""
+        for info in read_mountinfo():
+            if info.fstype != "autofs" or info.mount_point in self.automounter.mount_points:
+                continue
+            if "offset" not in info.super_options:
+                continue
+            if self._split_offset(info.mount_point) is None:
+                continue
+            try:
+                self.automounter.add_mount(
+                    info.mount_point, self._on_offset, mode=AutofsMode.OFFSET
+                )
+            except (OSError, ValueError) as exc:
+                log.warning("%s: offset trigger not adopted: %s", info.mount_point, exc)
+        await trio.lowlevel.checkpoint()
 
     def reload(self) -> None:
         """SIGHUP: re-read every map (and the master map's list of mounts)."""
@@ -234,6 +419,12 @@ class MapServer:
         wanted = {mc.mount_point: mc for mc in config_from_master(self.config.master)}
         for mp in list(self.mounts):
             if mp not in wanted:
+                for offset in sorted(
+                    (p for p in self.automounter.mount_points if p.startswith(mp + "/")),
+                    key=_depth,
+                    reverse=True,
+                ):
+                    await self.automounter.remove_mount(offset)
                 del self.mounts[mp]
                 self.maps.pop(mp, None)
                 await self.automounter.remove_mount(mp)
@@ -258,6 +449,7 @@ async def serve(
     ) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(am.run)
+            await server.adopt_offsets()
             log.info("serving %d autofs mount(s); pid %d", len(server.mounts), os.getpid())
             async for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):
