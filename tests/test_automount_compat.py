@@ -219,6 +219,78 @@ def test_master_map_with_indirect_and_direct_gives_the_same_results(tmp_path: Pa
     assert by_automount == by_serve
 
 
+def test_includes_and_duplicate_keys_give_the_same_results(tmp_path: Path) -> None:
+    """``+map`` in a map, ``+dir:`` and ``+file`` in a master map, and a key defined twice:
+    the first definition wins under both; an include loop is where they differ."""
+    exports = tmp_path / "exports"
+    one, two = tmp_path / "one", tmp_path / "two"
+    inner = tmp_path / "auto.inner"
+    inner.write_text(f"alpha :{exports}/gamma\nbeta :{exports}/beta\n+{tmp_path}/auto.outer\n")
+    outer = tmp_path / "auto.outer"
+    outer.write_text(
+        f"alpha :{exports}/alpha\n+{inner}\ngamma :{exports}/gamma\ngamma :{exports}/beta\n"
+    )
+    two_map = tmp_path / "auto.two"
+    two_map.write_text(f"beta :{exports}/beta\n")
+    master_d = tmp_path / "master.d"
+    master_d.mkdir()
+    (master_d / "two.autofs").write_text(f"{two} {two_map}\n")
+    (master_d / "skipped.conf").write_text(f"{tmp_path}/three {two_map}\n")
+    extra = tmp_path / "auto.master.extra"
+    extra.write_text(f"{one} {outer}\n")
+    master = tmp_path / "auto.master"
+    master.write_text(f"+{extra}\n+dir:{master_d}\n")
+    lookups: list[Lookup] = [
+        ("one/alpha/f", "read", one / "alpha" / "f"),
+        ("one/beta/f", "read", one / "beta" / "f"),
+        ("one/gamma/f", "read", one / "gamma" / "f"),
+        ("two/beta/f", "read", two / "beta" / "f"),
+        ("one/ at the end", "list", one),
+    ]
+    by_automount = under_automount(tmp_path, master, [one, two], lookups)
+    by_serve = under_serve(tmp_path, ["--master", str(master)], lookups)
+    show(by_automount, by_serve)
+    # The one difference: automount(8) follows the loop (inner includes outer) until its
+    # maximum include depth, logs "maximum include depth exceeded", and then fails every key
+    # defined after the include. pyautofs cuts the loop with a warning (file:line and the
+    # chain) and serves the rest of the map.
+    assert by_automount.pop("one/gamma/f") == ("error", "ENOENT")
+    assert by_serve.pop("one/gamma/f") == ("ok", "gamma")
+    assert by_automount.pop("one/ at the end") == ("ok", ["alpha", "beta"])
+    assert by_serve.pop("one/ at the end") == ("ok", ["alpha", "beta", "gamma"])
+    assert by_automount == by_serve
+    assert not (tmp_path / "three").exists()
+
+
+def test_first_definition_of_a_key_wins_under_both(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    mnt = tmp_path / "mnt"
+    amap = tmp_path / "auto.dup"
+    inner = tmp_path / "auto.inner"
+    inner.write_text(f"alpha :{exports}/gamma\nbeta :{exports}/beta\n")
+    amap.write_text(
+        f"alpha :{exports}/alpha\n+{inner}\ngamma :{exports}/gamma\ngamma :{exports}/beta\n"
+    )
+    lookups: list[Lookup] = [
+        ("alpha/f", "read", mnt / "alpha" / "f"),
+        ("beta/f", "read", mnt / "beta" / "f"),
+        ("gamma/f", "read", mnt / "gamma" / "f"),
+    ]
+    master = indirect_master(tmp_path, mnt, amap)
+    by_automount = under_automount(tmp_path, master, [mnt], lookups)
+    by_serve = under_serve(tmp_path, [str(mnt), str(amap)], lookups)
+    show(by_automount, by_serve)
+    assert (
+        by_automount
+        == by_serve
+        == {
+            "alpha/f": ("ok", "alpha"),
+            "beta/f": ("ok", "beta"),
+            "gamma/f": ("ok", "gamma"),
+        }
+    )
+
+
 def test_multimount_entry_gives_the_same_results(tmp_path: Path) -> None:
     """Multi-mount entries: a root with nested offsets, and offsets without a root.
 

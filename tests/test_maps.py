@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyautofs import MapWarning, parse_master_map, parse_sun_map
+from pyautofs import MapWarning, SunMap, load_map, parse_master_map, parse_sun_map
 
 
 def test_features() -> None:
@@ -67,3 +68,48 @@ def test_arbitrary_master_map_never_raises(text: str) -> None:
         entries, warnings = parse_master_map(str(path))
         assert all(isinstance(w, MapWarning) for w in warnings)
         assert all(e.mount_point.startswith("/") for e in entries)
+
+
+def test_sun_map_includes_first_definition_wins_and_loops_warn(tmp_path: Path) -> None:
+    (tmp_path / "auto.inner").write_text("a :/inner/a\nb :/inner/b\n+auto.outer\n")
+    (tmp_path / "auto.outer").write_text(
+        "a :/outer/a\n+auto.inner\nc :/outer/c\nc :/outer/c2\n+auto.missing\n+ldap:ou=x\n"
+    )
+    m = load_map(str(tmp_path / "auto.outer"))
+    assert isinstance(m, SunMap)
+
+    def source(key: str) -> str:
+        e = m.lookup(key)
+        assert e is not None and e.root is not None
+        return e.root.source
+
+    assert (source("a"), source("b"), source("c")) == ("/outer/a", "/inner/b", "/outer/c")
+    messages = [str(w) for w in m.warnings]
+    outer, inner = tmp_path / "auto.outer", tmp_path / "auto.inner"
+    assert f"{inner}:3: include loop: {outer} -> {inner} -> {outer}" in messages
+    assert f"{outer}:4: duplicate key 'c': the first definition is used" in messages
+    assert any(w.startswith(f"{outer}:5: included map") for w in messages)
+    assert f"{outer}:6: included map 'ldap:ou=x': only files can be included" in messages
+    # A change to an included file is a change to the map.
+    assert m.reload() is m
+    os.utime(inner, (1, 1))
+    assert m.reload() is not m
+
+
+def test_master_map_includes_and_dir(tmp_path: Path) -> None:
+    d = tmp_path / "master.d"
+    d.mkdir()
+    (d / "b.autofs").write_text("/mnt/b /etc/auto.b\n/mnt/a /etc/auto.dup\n")
+    (d / "a.autofs").write_text("/mnt/c /etc/auto.c\n+" + str(tmp_path / "auto.master") + "\n")
+    (d / "ignored.conf").write_text("/mnt/x /etc/auto.x\n")
+    (tmp_path / "auto.extra").write_text("/mnt/e /etc/auto.e\n/mnt/gone /etc/auto.g\n")
+    master = tmp_path / "auto.master"
+    master.write_text(
+        f"/mnt/a /etc/auto.a\n+dir:{d}\n+auto.extra\n/mnt/gone -null\n+dir:{tmp_path}/nodir\n"
+    )
+    entries, warnings = parse_master_map(str(master))
+    assert [e.mount_point for e in entries] == ["/mnt/a", "/mnt/c", "/mnt/b", "/mnt/e"]
+    messages = [str(w) for w in warnings]
+    assert any("include loop" in w and str(master) in w for w in messages)
+    assert f"{d / 'b.autofs'}:2: duplicate mount point /mnt/a: the first line is used" in messages
+    assert any(w.startswith(f"{master}:5: included directory") for w in messages)

@@ -90,6 +90,9 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
             log.warning("%s: direct program map %s is not supported", master, e.map_path)
             continue
         for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
+            if any(mc.mount_point == key for mc in out):
+                log.warning("%s: %s is in two maps; the first one serves it", master, key)
+                continue
             out.append(MountConfig(key, e.map_path, True, timeout, e.options, e.strictexpire))
     return out
 

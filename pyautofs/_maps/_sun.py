@@ -8,6 +8,12 @@ continues the line, ``*`` is the wildcard key (used only when no exact key match
 ``:/path`` bind-mount a local path, ``-fstype=tmpfs`` mounts a tmpfs, anything else is
 for mount(8). Multi-mount entries (``key /a :/x /b :/y``) list offsets below the key.
 
+A line ``+name`` includes another map file there (``+/path``, ``+file:/path``, or a name
+found next to the including file or in ``/etc``): as in automount(8), the first definition
+of a key wins, whether it comes from the file or an included one. Master maps include
+other master maps the same way, and ``+dir:/path`` includes every ``*.autofs`` file of a
+directory, in name order. An include that would loop is refused with a warning.
+
 A bad line never stops anything: it becomes a :class:`MapWarning` (file:line and why), is
 logged to ``pyautofs.maps`` and skipped.
 """
@@ -38,11 +44,13 @@ __all__ = [
     "load_map",
     "valid_key",
     "MAX_PROGRAM_OUTPUT",
+    "MAX_INCLUDE_DEPTH",
 ]
 
 log = logging.getLogger("pyautofs.maps")
 
 MAX_PROGRAM_OUTPUT = 64 * 1024
+MAX_INCLUDE_DEPTH = 16
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -211,7 +219,8 @@ class SunMap:
     defaults: tuple[str, ...] = ()
     direct: bool = False
     warnings: list[MapWarning] = attrs.Factory(list)
-    mtime: float = 0.0
+    sources: dict[str, float] = attrs.Factory(dict)
+    """Every file read (this one and its includes) -> its mtime then."""
 
     def keys(self) -> list[str]:
         """The exact keys (for browse mode and direct maps)."""
@@ -229,13 +238,14 @@ class SunMap:
         return resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
 
     def reload(self) -> SunMap:
-        """Re-read the file if it changed; returns the current map."""
+        """Re-read the file if it or a file it includes changed; returns the current map."""
         try:
-            mtime = os.stat(self.path).st_mtime
+            if not os.path.exists(self.path) or all(
+                _mtime(p) == t for p, t in self.sources.items()
+            ):
+                return self
         except OSError:
-            return self
-        if mtime == self.mtime:
-            return self
+            pass  # an included file went away: re-read
         return parse_sun_map_file(self.path, defaults=self.defaults, direct=self.direct)
 
 
@@ -266,12 +276,48 @@ def _templates(tokens: Sequence[str], defaults: Sequence[str]) -> list[str]:
         return []
 
 
+def _mtime(path: str) -> float:
+    return os.stat(path).st_mtime
+
+
+def _include_target(name: str, including: str) -> str | None:
+    """The file a ``+name`` line includes; None for a source this parser cannot read."""
+    if name.startswith("file:"):
+        name = name[len("file:") :]
+    elif ":" in name.split("/", 1)[0]:
+        return None  # ldap:, yp:, nis: and such
+    if not name:
+        return None
+    if name.startswith("/"):
+        return name
+    base = os.path.dirname(os.path.abspath(including)) if including != "<map>" else "."
+    for directory in (base, "/etc"):
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(base, name)
+
+
+def _chain(stack: Sequence[str], last: str) -> str:
+    return " -> ".join([*stack, last])
+
+
 def parse_sun_map(
-    text: str, path: str = "<map>", *, defaults: Sequence[str] = (), direct: bool = False
+    text: str,
+    path: str = "<map>",
+    *,
+    defaults: Sequence[str] = (),
+    direct: bool = False,
+    _stack: tuple[str, ...] = (),
 ) -> SunMap:
-    """Parse map text; bad lines become warnings (and log lines), never errors."""
+    """Parse map text; bad lines become warnings (and log lines), never errors.
+
+    ``+name`` lines include other map files (see the module documentation).
+    """
     entries: dict[str, list[str]] = {}
     warnings: list[MapWarning] = []
+    sources: dict[str, float] = {}
+    stack = (*_stack, os.path.realpath(path)) if path != "<map>" else _stack
     for number, line in _logical_lines(text):
         try:
             tokens = _split(line)
@@ -282,9 +328,31 @@ def parse_sun_map(
             continue
         key, body = tokens[0], tokens[1:]
         if key.startswith("+"):
-            warnings.append(
-                MapWarning(path, number, f"included map {key[1:]!r} is not supported here")
-            )
+            target = _include_target(key[1:], path)
+            problem = None
+            if target is None:
+                problem = f"included map {key[1:]!r}: only files can be included"
+            elif os.path.realpath(target) in stack:
+                problem = f"include loop: {_chain(stack, os.path.realpath(target))}"
+            elif len(stack) >= MAX_INCLUDE_DEPTH:
+                problem = f"includes nested deeper than {MAX_INCLUDE_DEPTH}"
+            elif os.access(target, os.X_OK) and os.path.isfile(target):
+                problem = f"included map {target}: program maps cannot be included"
+            if problem is not None:
+                warnings.append(MapWarning(path, number, problem))
+                continue
+            assert target is not None
+            try:
+                included = parse_sun_map_file(
+                    target, defaults=defaults, direct=direct, _stack=stack
+                )
+            except OSError as exc:
+                warnings.append(MapWarning(path, number, f"included map {target}: {exc.strerror}"))
+                continue
+            for k, v in included.entries.items():
+                entries.setdefault(k, v)
+            warnings.extend(included.warnings)
+            sources.update(included.sources)
             continue
         if key != "*" and not valid_key(key, direct=direct):
             what = "an absolute path" if direct else "a name without '/'"
@@ -295,18 +363,31 @@ def parse_sun_map(
         except ValueError as exc:
             warnings.append(MapWarning(path, number, f"bad entry for {key!r}: {exc}"))
             continue
+        if key in entries:
+            warnings.append(
+                MapWarning(path, number, f"duplicate key {key!r}: the first definition is used")
+            )
+            continue
         entries[key] = body
-    for w in warnings:
-        log.warning("%s", w)
-    return SunMap(path, entries, tuple(defaults), direct, warnings)
+    if not _stack:
+        for w in warnings:
+            log.warning("%s", w)
+    return SunMap(path, entries, tuple(defaults), direct, warnings, sources)
 
 
-def parse_sun_map_file(path: str, *, defaults: Sequence[str] = (), direct: bool = False) -> SunMap:
-    """Read and parse a map file."""
+def parse_sun_map_file(
+    path: str,
+    *,
+    defaults: Sequence[str] = (),
+    direct: bool = False,
+    _stack: tuple[str, ...] = (),
+) -> SunMap:
+    """Read and parse a map file (and the files it includes)."""
     with open(path, encoding="utf-8", errors="replace") as f:
+        mtime = os.fstat(f.fileno()).st_mtime
         text = f.read()
-    smap = parse_sun_map(text, path, defaults=defaults, direct=direct)
-    smap.mtime = os.stat(path).st_mtime
+    smap = parse_sun_map(text, path, defaults=defaults, direct=direct, _stack=_stack)
+    smap.sources[path] = mtime
     return smap
 
 
@@ -411,12 +492,77 @@ def _resolve_map_name(name: str, master_dir: str) -> str | None:
 
 
 def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
-    """Parse an auto.master file; unsupported or bad lines become warnings."""
+    """Parse an auto.master file (and what it includes); bad lines become warnings.
+
+    The first line for a mount point wins; ``-null`` drops the lines before it.
+    """
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    master_dir = os.path.dirname(os.path.abspath(path))
     entries: list[MasterEntry] = []
     warnings: list[MapWarning] = []
+    _parse_master(text, path, (os.path.realpath(path),), entries, warnings)
+    for w in warnings:
+        log.warning("%s", w)
+    return entries, warnings
+
+
+def _include_master(
+    name: str,
+    path: str,
+    number: int,
+    *,
+    stack: tuple[str, ...],
+    entries: list[MasterEntry],
+    warnings: list[MapWarning],
+) -> None:
+    """A ``+name`` or ``+dir:DIR`` line of a master map."""
+    if name.startswith("dir:"):
+        directory = name[len("dir:") :]
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".autofs"))
+        except OSError as exc:
+            warnings.append(MapWarning(path, number, f"included directory {directory}: {exc}"))
+            return
+        targets = [os.path.join(directory, n) for n in names]
+    else:
+        target = _include_target(name, path)
+        if target is None:
+            warnings.append(
+                MapWarning(
+                    path, number, f"included master map {name!r}: only files can be included"
+                )
+            )
+            return
+        targets = [target]
+    for target in targets:
+        real = os.path.realpath(target)
+        if real in stack:
+            warnings.append(MapWarning(path, number, f"include loop: {_chain(stack, real)}"))
+            continue
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            warnings.append(
+                MapWarning(path, number, f"includes nested deeper than {MAX_INCLUDE_DEPTH}")
+            )
+            continue
+        try:
+            with open(target, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            warnings.append(
+                MapWarning(path, number, f"included master map {target}: {exc.strerror}")
+            )
+            continue
+        _parse_master(text, target, (*stack, real), entries, warnings)
+
+
+def _parse_master(
+    text: str,
+    path: str,
+    stack: tuple[str, ...],
+    entries: list[MasterEntry],
+    warnings: list[MapWarning],
+) -> None:
+    master_dir = os.path.dirname(os.path.abspath(path))
     for number, line in _logical_lines(text):
         try:
             tokens = _split(line)
@@ -426,8 +572,8 @@ def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
         if not tokens:
             continue
         if tokens[0].startswith("+"):
-            warnings.append(
-                MapWarning(path, number, f"included master map {tokens[0][1:]!r} is not supported")
+            _include_master(
+                tokens[0][1:], path, number, stack=stack, entries=entries, warnings=warnings
             )
             continue
         if len(tokens) < 2:
@@ -440,7 +586,16 @@ def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
             )
             continue
         if name == "-null":
-            entries = [e for e in entries if e.mount_point != mount_point]
+            entries[:] = [e for e in entries if e.mount_point != mount_point]
+            continue
+        if mount_point != "/-" and any(
+            e.mount_point == os.path.normpath(mount_point) for e in entries
+        ):
+            warnings.append(
+                MapWarning(
+                    path, number, f"duplicate mount point {mount_point}: the first line is used"
+                )
+            )
             continue
         map_path = _resolve_map_name(name, master_dir)
         if map_path is None:
@@ -477,6 +632,3 @@ def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
                 strict,
             )
         )
-    for w in warnings:
-        log.warning("%s", w)
-    return entries, warnings
