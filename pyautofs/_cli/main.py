@@ -11,15 +11,35 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ._errors import describe, os_errors
+
 # Subcommand modules, in the order ``--help`` lists them.
 _SUBCOMMANDS = ("demo", "serve", "inspect", "bench", "version")
+
+_DESCRIPTION = """\
+The Linux autofs protocol and file-descriptor passing: serve autofs maps, see every autofs
+mount and who serves it, and watch an automounter work. Mounting needs root
+(CAP_SYS_ADMIN) and /dev/autofs (CONFIG_AUTOFS_FS); inspect and version need neither."""
+
+_EXAMPLES = """\
+examples:
+  pyautofs demo                                  an automounter at work, in a private namespace
+  pyautofs serve /mnt/auto /etc/auto.data        serve one indirect map, in the foreground
+  pyautofs serve --master /etc/auto.master       serve every mount the master map names
+  pyautofs inspect                               every autofs mount and the process serving it
+  pyautofs bench list                            the benchmarks there are
+  pyautofs version                               versions of pyautofs and the kernel interface
+
+'pyautofs COMMAND --help' shows a command's options and more examples.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser of the ``pyautofs`` command."""
     parser = argparse.ArgumentParser(
         prog="pyautofs",
-        description="The Linux autofs protocol and file-descriptor passing.",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -41,5 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        print(f"pyautofs {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        # An OSError (alone, or all of an exception group's) is about this machine, not a
+        # bug: say what and where, without a traceback. Anything else is a bug: re-raise.
+        errors = os_errors(exc)
+        if errors is None:
+            raise
+        for error in dict.fromkeys(describe(e) for e in errors):
+            print(f"pyautofs {args.command}: {error}", file=sys.stderr)
+        return 1
     return status

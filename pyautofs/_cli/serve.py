@@ -5,17 +5,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 from typing import Any
 
-from .._engine._serve import ServeConfig, config_for_map, config_from_master, run_serve
+from .._engine._handover import HANDOVER_ENV
+from .._engine._serve import (
+    MountConfig,
+    ServeConfig,
+    config_for_map,
+    config_from_master,
+    run_serve,
+)
+from .._sys._mountinfo import autofs_mounts, find_pipe_holders
+from ._errors import environment_problem
 
 _EXAMPLES = """\
 examples:
-  pyautofs serve /mnt/auto /etc/auto.data            one indirect mount from a sun-format map
+  pyautofs serve /mnt/auto /etc/auto.data             one indirect mount from a sun-format map
   pyautofs serve /mnt/auto /etc/auto.data --timeout 60
-  pyautofs serve --master /etc/auto.master           every mount the master map names (/- too)
-  pyautofs serve -v /mnt/auto ./auto.prog            an executable map is a program map
+  pyautofs serve --master /etc/auto.master            every mount the master map names (/- too)
+  pyautofs serve -v /mnt/auto ./auto.prog             an executable map is a program map
+  pyautofs serve --takeover /mnt/auto /etc/auto.data  take the mount over from a live server
+  pyautofs serve --negative-timeout 2 --request-timeout 30 /mnt/auto /etc/auto.data
 
 signals:
   SIGTERM, SIGINT  answer what is pending, unmount what was mounted, remove the mounts, exit 0
@@ -25,6 +37,8 @@ signals:
 
 A mount point left by a crashed server, or by automount(8), is adopted: keys mounted
 before keep working. A mount served by a live automounter is refused unless --takeover.
+A bad map line is reported as FILE:LINE with the reason and skipped; the other lines are
+served. Needs root (CAP_SYS_ADMIN) and /dev/autofs (CONFIG_AUTOFS_FS).
 """
 
 
@@ -33,11 +47,18 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="serve autofs maps (a faster, restartable automount(8))",
-        description="Serve autofs mounts from sun-format or program maps, in the foreground.",
+        description=(
+            "Serve autofs mounts from sun-format or program maps, in the foreground, as\n"
+            "automount(8) does; log lines go to stderr."
+        ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("mountpoint", nargs="?", help="the indirect mount point")
+    p.add_argument(
+        "mountpoint",
+        nargs="?",
+        help="the indirect mount point (created if missing, and then removed again at exit)",
+    )
     p.add_argument("mapfile", nargs="?", help="the map: a sun-format file or an executable")
     p.add_argument("--master", metavar="FILE", help="serve every mount of this master map")
     p.add_argument(
@@ -69,6 +90,118 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
+def _kind(path: str) -> str:
+    """What is at ``path``, for a message: "a regular file", "a symbolic link to X"..."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "nothing"
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link to {os.readlink(path)!r} that is not a directory"
+    if stat.S_ISREG(st.st_mode):
+        return "a regular file"
+    return "not a directory"
+
+
+def _mount_point_problem(path: str) -> str | None:
+    """Why an autofs mount cannot go on ``path`` (absolute), or None.
+
+    The engine creates a missing mount point (and removes it again at exit), so only check
+    here that it could, without creating anything.
+    """
+    if os.path.isdir(path):
+        return None
+    if os.path.lexists(path):
+        return (
+            f"mount point {path} is {_kind(path)}: an autofs mount needs a directory. "
+            f"Choose another mount point, or remove {path}."
+        )
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return (
+            f"cannot create mount point {path}: {parent} is {_kind(parent)}. "
+            "Choose a mount point under a directory."
+        )
+    if not os.access(parent, os.W_OK):
+        why = "is not writable"
+        try:
+            if os.statvfs(parent).f_flag & os.ST_RDONLY:
+                why = "is on a read-only file system"
+        except OSError:
+            pass
+        return (
+            f"cannot create mount point {path}: {parent} {why}. Create {path} beforehand, "
+            "or choose a mount point on a writable file system."
+        )
+    return None
+
+
+def _map_problem(path: str, what: str) -> str | None:
+    """Why the map file at ``path`` cannot be read, or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{what} {path} does not exist. Give the path of an existing map file."
+    except OSError as exc:
+        return f"{what} {path} cannot be read: {exc.strerror}."
+    if stat.S_ISDIR(st.st_mode):
+        return f"{what} {path} is a directory. Give the path of a map file."
+    if not os.access(path, os.R_OK):
+        return f"{what} {path} is not readable."
+    return None
+
+
+def _served_by(mount_point: str) -> tuple[str, list[int]] | None:
+    """Who serves a live autofs mount at ``mount_point`` (a description and the pids).
+
+    None when nobody does. A mount whose pipe no live process reads (its server was killed,
+    or it is catatonic) is not refused: serving it again adopts it, keys mounted included.
+    """
+    found = [m for m in autofs_mounts() if m.mount_point == mount_point]
+    if not found or found[-1].catatonic or found[-1].pipe_ino is None:
+        return None
+    readers = [
+        h
+        for h in find_pipe_holders(found[-1].pipe_ino)
+        if h.end in ("read", "both") and h.pid != os.getpid()
+    ]
+    if not readers:
+        return None
+    pids = sorted({h.pid for h in readers})
+    if any(_is_pyautofs(pid) for pid in pids):
+        who = "another pyautofs engine"
+    else:
+        who = "a live automounter (" + ", ".join(sorted({h.comm for h in readers})) + ")"
+    return f"{who}, pid {', '.join(map(str, pids))}", pids
+
+
+def _is_pyautofs(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"pyautofs" in f.read()
+    except OSError:
+        return False
+
+
+def _preflight(mounts: list[MountConfig], takeover: bool) -> str | None:
+    """The first reason the mounts cannot be served, checked before the engine starts."""
+    for mc in mounts:
+        problem = _mount_point_problem(mc.mount_point)
+        if problem:
+            return problem
+        served = None if takeover else _served_by(mc.mount_point)
+        if served:
+            who, pids = served
+            return (
+                f"{mc.mount_point} is already served by {who}. Stop it first "
+                f"('kill -TERM {' '.join(map(str, pids))}'), or take the mount over without "
+                "failing a lookup: run this command again with --takeover."
+            )
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the server; returns the exit status."""
     logging.basicConfig(
@@ -76,27 +209,49 @@ def main(args: argparse.Namespace) -> int:
         format="pyautofs[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if os.geteuid() != 0:
-        print("pyautofs serve needs root: autofs mounts need CAP_SYS_ADMIN.", file=sys.stderr)
-        return 1
-    if not os.path.exists("/dev/autofs"):
-        print(
-            "pyautofs serve needs /dev/autofs: CONFIG_AUTOFS_FS=y, or 'modprobe autofs4'.",
-            file=sys.stderr,
-        )
+    problem = environment_problem("serve")
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     if args.master:
         if args.mountpoint or args.mapfile:
             print(
-                "pyautofs serve: give either --master FILE or MOUNTPOINT MAPFILE", file=sys.stderr
+                "pyautofs serve: give either --master FILE or MOUNTPOINT MAPFILE, not both "
+                "(see 'pyautofs serve --help')",
+                file=sys.stderr,
             )
             return 2
+        problem = _map_problem(args.master, "master map")
+        if problem:
+            print(f"pyautofs serve: {problem}", file=sys.stderr)
+            return 1
         mounts = config_from_master(args.master, args.timeout)
+        if not mounts:
+            print(
+                f"pyautofs serve: master map {args.master} names no mount that can be served "
+                "(see the warnings above, if any)",
+                file=sys.stderr,
+            )
+            return 1
     elif args.mountpoint and args.mapfile:
+        problem = _map_problem(args.mapfile, "map")
+        if problem:
+            print(f"pyautofs serve: {problem}", file=sys.stderr)
+            return 1
         mounts = config_for_map(args.mountpoint, args.mapfile, args.timeout)
     else:
-        print("pyautofs serve: MOUNTPOINT MAPFILE or --master FILE is needed", file=sys.stderr)
+        print(
+            "pyautofs serve: MOUNTPOINT MAPFILE or --master FILE is needed "
+            "(see 'pyautofs serve --help')",
+            file=sys.stderr,
+        )
         return 2
+    # A successor that a SIGUSR2 handover started takes its mounts from the live engine
+    # that started it: that one serving them is the point, not a conflict.
+    problem = _preflight(mounts, args.takeover or HANDOVER_ENV in os.environ)
+    if problem:
+        print(f"pyautofs serve: {problem}", file=sys.stderr)
+        return 1
     config = ServeConfig(
         tuple(mounts),
         master=os.path.abspath(args.master) if args.master else None,
@@ -106,8 +261,6 @@ def main(args: argparse.Namespace) -> int:
         lock_dir=args.lock_dir,
     )
     argv = [a for a in sys.argv[1:] if a != "--takeover"]
-    try:
-        return run_serve(config, argv)
-    except OSError as exc:
-        print(f"pyautofs serve: {exc}", file=sys.stderr)
-        return 1
+    # An OSError the engine raises (say, the kernel refusing the mount) becomes one line
+    # with its path in main.py.
+    return run_serve(config, argv)

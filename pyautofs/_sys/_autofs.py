@@ -108,7 +108,24 @@ class AutofsControl:
             raise FileNotFoundError(
                 exc.errno,
                 f"{device} is missing: this kernel lacks autofs (CONFIG_AUTOFS_FS=y, or load "
-                "the module with 'modprobe autofs4')",
+                "the module with 'modprobe autofs4'); if it has autofs, only the device node "
+                f"is missing: 'mknod {device} c 10 235'",
+                device,
+            ) from None
+        except PermissionError as exc:
+            raise PermissionError(
+                exc.errno,
+                f"{device} cannot be opened: {exc.strerror}; the autofs control device needs "
+                "root (CAP_SYS_ADMIN)",
+                device,
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENODEV, errno.ENXIO):
+                raise
+            raise OSError(
+                exc.errno,
+                f"{device} has no driver behind it ({exc.strerror}): load the autofs module "
+                "with 'modprobe autofs4', or build the kernel with CONFIG_AUTOFS_FS=y",
                 device,
             ) from None
         return cls(fd)
