@@ -16,9 +16,11 @@ from .._sys._mount import unshare_mount_namespace
 
 _EXAMPLES = """\
 examples:
-  pyautofs bench list                   the benchmarks there are
-  pyautofs bench fdpass --quick         a short run
-  pyautofs bench trigger --json out.json
+  pyautofs bench list                        the benchmarks there are
+  pyautofs bench fdpass --quick              a short run
+  pyautofs bench trigger --json out.json     also keep the results as JSON
+  pyautofs bench shutdown --plot shutdown.png
+  pyautofs bench all --quick --dir ./benchmarks
 
 The benchmarks live in the repository's benchmarks/ folder, found next to the installed
 package (an editable install) or in ./benchmarks; --dir names another. Each runs in a
@@ -31,14 +33,17 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="run a benchmark from benchmarks/ and print its table",
-        description="Run a benchmark side by side with its alternatives and print a table.",
+        description=(
+            "Run a benchmark side by side with its alternatives and print a table.\n"
+            "The autofs benchmarks need root and /dev/autofs; fdpass needs neither."
+        ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", help="a benchmark name, 'list', or 'all'")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout)")
-    p.add_argument("--dir", help="the benchmarks folder")
+    p.add_argument("--dir", help="the benchmarks folder (default: found as below)")
     p.add_argument(
         "--plot",
         metavar="FILE.png",

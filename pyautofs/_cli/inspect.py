@@ -9,11 +9,19 @@ from typing import Any
 
 from .._restore._autofs import AutofsMountReport, list_autofs_mounts
 
+_DESCRIPTION = """\
+List every autofs mount: mount point, type, options, state (active or catatonic), pipe_ino,
+the processes that hold the request pipe's read end (found by matching the kernel's
+pipe_ino= option against /proc/*/fd), whether a write end is still held outside the kernel
+(automount keeps one; systemd and pyautofs close theirs), and what is mounted beneath.
+Needs no root, but run it as root to see every process's fds."""
+
 _EXAMPLES = """\
 examples:
-  pyautofs inspect              a readable listing
-  pyautofs inspect --json       one JSON object: {"mounts": [...]} (stable keys)
-  pyautofs inspect --pid 1234   the mounts that process 1234 sees (its mount namespace)
+  pyautofs inspect                     a readable listing
+  pyautofs inspect --json              one JSON object: {"mounts": [...]} (stable keys)
+  pyautofs inspect --pid 1234          the mounts that process 1234 sees (its mount namespace)
+  pyautofs inspect --pid 1234 --json
 """
 
 
@@ -22,19 +30,16 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "inspect",
         help="list every autofs mount with its state, pipe owner and what is mounted beneath",
-        description=(
-            "List every autofs mount: mount point, type, options, state (active or "
-            "catatonic), pipe_ino, the processes that hold the request pipe's read end "
-            "(found by matching the kernel's pipe_ino= option against /proc/*/fd), whether "
-            "a write end is still held outside the kernel (automount keeps one; systemd and "
-            "pyautofs close theirs), and what is mounted beneath. Run as root to see every "
-            "process's fds."
-        ),
+        description=_DESCRIPTION,
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a listing")
-    p.add_argument("--pid", default="self", help="look through this process's mount namespace")
+    p.add_argument(
+        "--pid",
+        default="self",
+        help="look through this process's mount namespace (default: this one's)",
+    )
     p.set_defaults(func=main)
 
 
