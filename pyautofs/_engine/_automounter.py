@@ -31,6 +31,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -159,6 +160,9 @@ class Automounter:
         shutdown_grace: seconds in-flight handlers get at shutdown.
         takeover: take over a mount point served by a live automounter (its pipe goes
             catatonic for an instant, then to this engine). Without it, that is an error.
+            A pyautofs owner is first asked to drain (see :meth:`release`) and given
+            ``drain_timeout`` seconds to do so; other owners (automount(8), systemd) are
+            not asked.
         lock_dir: where the per-mount-point lock files live.
         pipe_size: request pipe size in bytes (each queued request takes one page).
         unregistered_handler: called with the path and mode of an autofs mount that a
@@ -179,6 +183,7 @@ class Automounter:
         lock_dir: str = "/run/pyautofs",
         pipe_size: int = _PIPE_SIZE,
         unregistered_handler: UnregisteredHandler | None = None,
+        drain_timeout: float = 5.0,
     ) -> None:
         self.request_timeout = request_timeout
         self.negative_timeout = negative_timeout
@@ -187,6 +192,7 @@ class Automounter:
         self.lock_dir = lock_dir
         self.pipe_size = pipe_size
         self.unregistered_handler = unregistered_handler
+        self.drain_timeout = drain_timeout
         self._limiter = trio.Semaphore(max_concurrent)
         self._mounts: dict[str, _Mount] = {}
         self._ctl: AutofsControl | None = None
@@ -292,7 +298,11 @@ class Automounter:
                         await self._take_over_from_predecessor(handover_fd, task_status)
                     else:
                         for m in list(self._mounts.values()):
-                            self._start_mount(m)
+                            holder = self._lock_holder(m.path) if self.takeover else None
+                            if holder is not None:
+                                await self._take_over_from(m, holder)
+                            else:
+                                self._start_mount(m)
                         task_status.started(self)
                     await self._stop.wait()
                 finally:
@@ -535,12 +545,138 @@ class Automounter:
         m.adopted = True
         self._serve(m)
 
+    # -- takeover between unrelated engines ------------------------------------------
+    #
+    # An engine that takes over (``takeover=True``) a mount a live pyautofs engine serves
+    # writes LOCKNAME.takeover next to that engine's lock file and sends it SIGUSR1. The
+    # owner (``pyautofs serve`` calls :meth:`release_requested` on SIGUSR1) waits for an
+    # idle moment, stops reading, lets its handlers finish and answers them, then lets go
+    # of the mount without unmounting anything and drops its lock: the unlock is the
+    # answer. Only then does the new engine go through CATATONIC + SETPIPEFD, so no request
+    # the old engine had started fails, and the keys it mounted are all seen as mounted.
+
+    async def _take_over_from(self, m: _Mount, holder: int) -> None:
+        """Take ``m`` from the live pyautofs engine ``holder``, which drains first.
+
+        Everything slow (reading mountinfo, the pipe, OPENMOUNT) is done before asking, so
+        the lookups that queue between the owner's last read and our CATATONIC, the ones
+        a takeover loses, are only those of a few hundred microseconds.
+        """
+        assert self._ctl is not None
+        existing = [a for a in autofs_mounts() if a.mount_point == m.path]
+        if not existing:
+            self._start_mount(m)
+            return
+        am = existing[-1]
+        r, w = self._new_pipe()
+        ioctlfd = -1
+        try:
+            ioctlfd = self._ctl.openmount(m.path, am.dev)
+            request = self._lock_path(m.path, ".takeover")
+            with open(request, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                os.kill(holder, signal.SIGUSR1)
+                log.info("%s: asked pyautofs pid %d to drain and let go", m.path, holder)
+                with trio.move_on_after(self.drain_timeout) as scope:
+                    while self._lock_holder(m.path) is not None:
+                        await trio.sleep(0.0001)
+                if scope.cancelled_caught:
+                    log.warning(
+                        "%s: pid %d did not let go within %s s; taking the mount anyway",
+                        m.path,
+                        holder,
+                        self.drain_timeout,
+                    )
+            except ProcessLookupError:
+                pass  # it died meanwhile: plain adoption
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(request)
+            self._lock(m)
+            try:
+                self._adopt(m, am, w, ioctlfd=ioctlfd)
+            except BaseException:
+                ioctlfd = -1  # _adopt closed it
+                raise
+            self._drop_ioctlfd_if_pinning(m)
+        except BaseException:
+            os.close(r)
+            if ioctlfd >= 0 and m.ioctlfd != ioctlfd:
+                os.close(ioctlfd)
+            self._release(m)
+            raise
+        finally:
+            os.close(w)
+        m.read_fd = r
+        self._serve(m)
+        log.info("%s: taken over from pid %d", m.path, holder)
+
+    def _lock_holder(self, path: str) -> int | None:
+        """The pid in ``path``'s lock file while another process holds the lock."""
+        try:
+            fd = os.open(self._lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        finally:
+            os.close(fd)
+        return None
+
+    def takeover_requests(self) -> list[str]:
+        """Mount points this engine serves that another engine asked to take over."""
+        return [p for p in self._mounts if os.path.exists(self._lock_path(p, ".takeover"))]
+
+    async def release_requested(self) -> list[str]:
+        """Let go of every mount another engine asked for (see :meth:`release`)."""
+        released = []
+        for path in self.takeover_requests():
+            await self.release(path)
+            released.append(path)
+        return released
+
+    async def release(self, path: str | os.PathLike[str], *, idle_wait: float = 1.0) -> None:
+        """Stop serving ``path`` and leave the autofs mount and its keys as they are.
+
+        For a handover to an unrelated engine: waits up to ``idle_wait`` seconds for a
+        moment with no request of this mount in flight, stops reading its pipe, lets the
+        handlers already running finish and answers them, then closes its fds and lock.
+        The mount keeps its pipe until the new owner's CATATONIC + SETPIPEFD; requests
+        that arrive in between wait in the pipe and fail with ENOENT at CATATONIC, the
+        only lookups a takeover loses.
+        """
+        m = self._mounts[os.path.abspath(os.fspath(path))]
+        deadline = trio.current_time() + idle_wait
+        while m.in_flight and trio.current_time() < deadline:
+            await trio.sleep(0.0002)
+        m.stop_reading = True
+        if m.reader_scope is not None:
+            m.reader_scope.cancel()
+        if m.expire_scope is not None:
+            m.expire_scope.cancel()
+        with trio.move_on_after(self.request_timeout):
+            while m.in_flight:
+                await trio.sleep(0.001)
+        del self._mounts[m.path]
+        self._release(m, keep_dir=True)
+        log.info("%s: released to another engine", m.path)
+        if not self._mounts:
+            self._handed_over = True
+            self.stop()
+
     # -- mount set-up and adoption -----------------------------------------------------
+
+    def _lock_path(self, path: str, suffix: str = ".lock") -> str:
+        name = hashlib.sha256(path.encode()).hexdigest()[:32]
+        return os.path.join(self.lock_dir, name + suffix)
 
     def _lock(self, m: _Mount) -> None:
         os.makedirs(self.lock_dir, mode=0o755, exist_ok=True)
-        name = hashlib.sha256(m.path.encode()).hexdigest()[:32]
-        lock_path = os.path.join(self.lock_dir, f"{name}.lock")
+        lock_path = self._lock_path(m.path)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -555,8 +691,8 @@ class Automounter:
                     "'pyautofs serve --takeover')",
                     m.path,
                 ) from None
-            # Taking over: the old engine keeps its lock until it exits; we go on without.
-            log.warning("%s: taking over from pyautofs pid %s", m.path, holder)
+            # It did not drain in time: take the mount anyway, without its lock.
+            log.warning("%s: taking over from pyautofs pid %s without its lock", m.path, holder)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         m.lock_fd = fd
@@ -571,13 +707,8 @@ class Automounter:
             existing = [a for a in autofs_mounts() if a.mount_point == m.path]
             if existing and not self.takeover:
                 self._refuse_if_live(existing[-1])
-            r, w = os.pipe2(os.O_CLOEXEC)
+            r, w = self._new_pipe()
             try:
-                try:
-                    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, self.pipe_size)
-                except OSError:
-                    pass  # above /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE
-                os.set_blocking(r, False)
                 if existing:
                     self._adopt(m, existing[-1], w)
                 else:
@@ -609,6 +740,16 @@ class Automounter:
             m.timeout,
         )
 
+    def _new_pipe(self) -> tuple[int, int]:
+        """A request pipe: (non-blocking read end, write end), enlarged if allowed."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, self.pipe_size)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE
+        os.set_blocking(r, False)
+        return r, w
+
     def _drop_ioctlfd_if_pinning(self, m: _Mount) -> None:
         if not m.keeps_ioctlfd and m.ioctlfd >= 0:
             os.close(m.ioctlfd)
@@ -639,7 +780,7 @@ class Automounter:
                 am.mount_point,
             )
 
-    def _adopt(self, m: _Mount, am: AutofsMount, write_fd: int) -> None:
+    def _adopt(self, m: _Mount, am: AutofsMount, write_fd: int, *, ioctlfd: int = -1) -> None:
         """Take over an autofs mount left by a dead (or, with takeover, live) daemon.
 
         The restart recipe of automount(8): OPENMOUNT by devid, CATATONIC (we are not in the
@@ -655,7 +796,7 @@ class Automounter:
             )
             m.mode = am.mode
         m.dev = am.dev
-        m.ioctlfd = self._ctl.openmount(m.path, am.dev)
+        m.ioctlfd = ioctlfd if ioctlfd >= 0 else self._ctl.openmount(m.path, am.dev)
         try:
             self._ctl.catatonic(m.ioctlfd)
             self._ctl.setpipefd(m.ioctlfd, write_fd)

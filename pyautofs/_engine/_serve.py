@@ -3,7 +3,9 @@
 Maps come from ``_maps``; this module turns a lookup into mounts (bind and tmpfs through
 mount(2), anything else through mount(8) in the engine's process group) and handles the
 signals: SIGTERM/SIGINT shut down gracefully, SIGHUP re-reads the maps, SIGUSR2 hands every
-mount to a successor started from the code on disk now (zero-downtime upgrade).
+mount to a successor started from the code on disk now (zero-downtime upgrade), and SIGUSR1
+(sent by ``pyautofs serve --takeover`` in another session) lets another engine take the
+mounts it asked for, after the requests in flight are answered.
 """
 
 from __future__ import annotations
@@ -386,6 +388,26 @@ class MapServer:
                     except (OSError, ValueError) as exc:
                         log.warning("%s: offset trigger not restored: %s", target, exc)
 
+    async def release_requested(self) -> list[str]:
+        """Let another engine take the mounts it asked for, offsets below them first."""
+        asked = self.automounter.takeover_requests()
+        for mp in asked:
+            for offset in sorted(
+                (p for p in self.automounter.mount_points if p.startswith(mp.rstrip("/") + "/")),
+                key=_depth,
+                reverse=True,
+            ):
+                await self.automounter.release(offset)
+        return await self.automounter.release_requested()
+
+    def forget(self, mount_point: str) -> None:
+        """Stop tracking a mount another engine now serves."""
+        self.mounts.pop(mount_point, None)
+        self.maps.pop(mount_point, None)
+        prefix = mount_point.rstrip("/") + "/"
+        for key_path in [k for k in self._entries if k.startswith(prefix) or k == mount_point]:
+            del self._entries[key_path]
+
     async def adopt_offsets(self) -> None:
         """Adopt the offset triggers a dead server left under the served mounts."""
         for info in read_mountinfo():
@@ -448,7 +470,7 @@ async def serve(
         return 1
     am = server.automounter
     with trio.open_signal_receiver(
-        signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2
     ) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(am.run)
@@ -461,6 +483,13 @@ async def serve(
                     break
                 if signum == signal.SIGHUP:
                     await server.reload_master()
+                elif signum == signal.SIGUSR1:
+                    # Another engine (``serve --takeover``) asks for some of our mounts.
+                    for path in await server.release_requested():
+                        server.forget(path)
+                    if not am.mount_points:
+                        log.info("every mount was taken over by another engine; exiting")
+                        break
                 elif signum == signal.SIGUSR2:
                     pid = await am.hand_over([sys.executable, "-m", "pyautofs", *argv], env=env)
                     if pid is not None:
