@@ -281,3 +281,29 @@ async def test_a_malformed_packet_is_logged_and_skipped(
                 os.close(w)
             assert await lookups(tmp_path / "mnt" / "fine") == [0]
     assert "malformed packet ignored: unknown packet type 99" in caplog.text
+
+
+async def test_a_refused_engine_leaves_the_serving_engines_mount_alone(
+    tmp_path: Path, src: Path
+) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(src, request.path)
+
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler) as first:
+            second = pyautofs.Automounter(lock_dir=str(tmp_path / "locks"))
+            second.add_mount(tmp_path / "mnt", handler)
+            with pytest.raises(BaseException) as refused:  # noqa: PT011 - checked below
+                await second.run()
+            errors = (
+                list(refused.value.exceptions)
+                if isinstance(refused.value, BaseExceptionGroup)
+                else [refused.value]
+            )
+            assert [type(e) for e in errors] == [pyautofs.MountPointBusyError]
+            assert f"pid {os.getpid()}" in str(errors[0])
+            # The first engine's mount is still there, and still serves.
+            (live,) = [m for m in autofs_mounts() if m.mount_point == str(tmp_path / "mnt")]
+            assert not live.catatonic
+            assert await lookups(tmp_path / "mnt" / "k") == [0]
+            assert "k" in first.mounted_keys(tmp_path / "mnt")

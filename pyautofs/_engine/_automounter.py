@@ -700,6 +700,10 @@ class Automounter:
     def _start_mount(self, m: _Mount) -> None:
         assert self._ctl is not None and self._nursery is not None
         if not os.path.isdir(m.path):
+            if os.path.lexists(m.path):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "the mount point is not a directory; choose another", m.path
+                )
             os.makedirs(m.path, exist_ok=True)
             m.created_dir = True
         self._lock(m)
@@ -1165,6 +1169,10 @@ class Automounter:
     def _teardown(self, m: _Mount) -> bool:
         """Unmount idle keys, make the mount catatonic and unmount it. False if busy keys remain."""
         assert self._ctl is not None
+        if not m.dev:
+            # Never mounted or adopted (its start failed): whatever is at m.path is not ours.
+            self._release(m)
+            return True
         busy: list[str] = []
         for key in sorted(m.mounted | m.created_keys):
             path = m.key_path(key)
