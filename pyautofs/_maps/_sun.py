@@ -51,6 +51,8 @@ log = logging.getLogger("pyautofs.maps")
 
 MAX_PROGRAM_OUTPUT = 64 * 1024
 MAX_INCLUDE_DEPTH = 16
+_RESOLVED_CACHE_SIZE = 16384
+_MISSING = object()
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -221,6 +223,9 @@ class SunMap:
     warnings: list[MapWarning] = attrs.Factory(list)
     sources: dict[str, float] = attrs.Factory(dict)
     """Every file read (this one and its includes) -> its mtime then."""
+    _resolved: dict[str, MapEntry | None] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False
+    )
 
     def keys(self) -> list[str]:
         """The exact keys (for browse mode and direct maps)."""
@@ -230,12 +235,21 @@ class SunMap:
         """Resolve ``key`` (exact, then the wildcard); None if there is no such key."""
         if not valid_key(key, direct=self.direct):
             return None
+        cached = self._resolved.get(key, _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
         tokens = self.entries.get(key)
         if tokens is None:
             tokens = self.entries.get("*")
             if tokens is None:
                 return None
-        return resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
+        entry = resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
+        if not any("$" in t for t in tokens):
+            # Without variables an entry depends only on the key: resolve it once.
+            if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
+                self._resolved.clear()
+            self._resolved[key] = entry
+        return entry
 
     def reload(self) -> SunMap:
         """Re-read the file if it or a file it includes changed; returns the current map."""
