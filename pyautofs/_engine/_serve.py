@@ -151,6 +151,8 @@ class _Variables(Mapping[str, str]):
 
 async def _mount_spec(spec: MountSpec, target: str) -> None:
     if spec.fstype == "bind":
+        if not os.path.exists(spec.source):
+            raise OSError(errno.ENOENT, f"{spec.source} (from the map) does not exist", target)
         readonly = "ro" in spec.options
         bind_mount(spec.source, target, readonly=readonly)
     elif spec.fstype == "tmpfs":

@@ -254,7 +254,7 @@ def start_worker(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = subprocess.Popen(
-            [python, "-m", "pyautofs._restore._workers", str(theirs.fileno())],
+            [python, "-c", _WORKER_MAIN, str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             start_new_session=new_session,
         )
@@ -271,6 +271,13 @@ def start_worker(
         worker.close()
         raise
     return worker
+
+
+# Not "-m pyautofs._restore._workers": the package imports this module first, and runpy
+# warns about running a module that is already imported.
+_WORKER_MAIN = (
+    "import sys; from pyautofs._restore._workers import _main; sys.exit(_main(sys.argv[1:]))"
+)
 
 
 def _main(argv: Sequence[str]) -> int:
