@@ -662,6 +662,9 @@ class Automounter:
             while m.in_flight:
                 await trio.sleep(0.001)
         del self._mounts[m.path]
+        # What queued after the last read would fail at the new owner's CATATONIC anyway;
+        # failing it here means no token waits on a new owner that might never come.
+        self._drain(m)
         self._release(m, keep_dir=True)
         log.info("%s: released to another engine", m.path)
         if not self._mounts:

@@ -27,7 +27,7 @@ import re
 import shlex
 import stat
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 
@@ -141,6 +141,20 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
 
 def _split(line: str) -> list[str]:
     return shlex.split(line, comments=True, posix=True)
+
+
+def _token_lines(
+    text: str, path: str, warnings: list[MapWarning]
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, tokens) of each non-empty logical line; unsplittable ones warn."""
+    for number, line in _logical_lines(text):
+        try:
+            tokens = _split(line)
+        except ValueError as exc:
+            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
+            continue
+        if tokens:
+            yield number, tokens
 
 
 def _spec(options: Sequence[str], location: str) -> MountSpec:
@@ -332,14 +346,7 @@ def parse_sun_map(
     warnings: list[MapWarning] = []
     sources: dict[str, float] = {}
     stack = (*_stack, os.path.realpath(path)) if path != "<map>" else _stack
-    for number, line in _logical_lines(text):
-        try:
-            tokens = _split(line)
-        except ValueError as exc:
-            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
-            continue
-        if not tokens:
-            continue
+    for number, tokens in _token_lines(text, path, warnings):
         key, body = tokens[0], tokens[1:]
         if key.startswith("+"):
             target = _include_target(key[1:], path)
@@ -577,14 +584,7 @@ def _parse_master(
     warnings: list[MapWarning],
 ) -> None:
     master_dir = os.path.dirname(os.path.abspath(path))
-    for number, line in _logical_lines(text):
-        try:
-            tokens = _split(line)
-        except ValueError as exc:
-            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
-            continue
-        if not tokens:
-            continue
+    for number, tokens in _token_lines(text, path, warnings):
         if tokens[0].startswith("+"):
             _include_master(
                 tokens[0][1:], path, number, stack=stack, entries=entries, warnings=warnings
