@@ -1,86 +1,174 @@
-"""Migrating an autofs mount: find its owner by pipe_ino, dump it, rebuild it elsewhere,
-and hand the new pipe to a restored process over a unix socket."""
+"""Migrating an autofs mount: find its owner by pipe_ino, dump it, stop the owner, rebuild
+the mount, and hand the new pipe to the restored owner at the fd number the old one used."""
 
+import errno
 import os
+import select
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pyautofs
-from pyautofs.lowlevel import AutofsControl, UmountFlags, umount2, unshare_mount_namespace
+from pyautofs.lowlevel import (
+    AutofsControl,
+    AutofsHandover,
+    MissingIndirect,
+    UmountFlags,
+    decode_packet,
+    umount2,
+    unshare_mount_namespace,
+)
 
-ROOT = tempfile.mkdtemp(prefix="migrate-")
-MNT, NEW = os.path.join(ROOT, "mnt"), os.path.join(ROOT, "new")
-# Lock files in the scratch directory, not in /run/pyautofs on the host.
-SERVE = [sys.executable, "-m", "pyautofs", "serve", "--lock-dir", f"{ROOT}/locks"]
+# -- the restored owner: `python migrate_mount.py restored SOCK_FD EXPORTS` --------------
 
 
-def start_daemon() -> subprocess.Popen[bytes]:
-    """The daemon to migrate: `pyautofs serve` on a one-line map (any autofs daemon would do)."""
-    os.makedirs(os.path.join(ROOT, "exports", "data"))
-    os.makedirs(NEW)  # a restore recreates mounts on existing directories
-    with open(os.path.join(ROOT, "auto.map"), "w") as f:
-        f.write(f"* :{ROOT}/exports/&\n")
-    daemon = subprocess.Popen(
-        [*SERVE, MNT, f"{ROOT}/auto.map"],
+def restored_owner(sock: socket.socket, exports: str) -> None:
+    """Take the mount over as the coordinator sends it, then serve it until EOF on sock.
+
+    A real restore would put the checkpointed daemon itself here; this one answers each
+    request with a bind mount of EXPORTS/<key>, reading the pipe at its old fd number.
+    """
+    (adopted,) = pyautofs.accept_handover(sock)  # install at the old numbers, SETPIPEFD, confirm
+    item, fd = adopted.item, adopted.read_fd
+    assert isinstance(item, AutofsHandover) and fd is not None
+    mounted = []
+    with AutofsControl.open() as ctl:
+        ioctlfd = ctl.openmount(item.mount_point, item.dev)
+        sock.send(f"serving {item.mount_point}, reading its pipe on fd {fd}".encode())
+        while fd in select.select([fd, sock.fileno()], [], [])[0]:  # sock readable: EOF, stop
+            try:
+                packet = decode_packet(os.read(fd, 512))  # one read, one packet
+            except BlockingIOError:
+                continue
+            assert isinstance(packet, MissingIndirect)  # we never ask the kernel to expire
+            key = os.fsdecode(packet.name)
+            target = os.path.join(item.mount_point, key)
+            try:
+                os.mkdir(target)
+                pyautofs.bind_mount(os.path.join(exports, key), target)
+            except OSError as exc:
+                ctl.fail(ioctlfd, packet.token, -(exc.errno or errno.EIO))
+                continue
+            mounted.append(target)
+            ctl.ready(ioctlfd, packet.token)
+            sock.send(f"mounted {key!r} for pid {packet.pid}, read from fd {fd}".encode())
+        for target in mounted:  # shut down: unmount what we mounted, then the autofs mount
+            pyautofs.unmount(target)
+        ctl.catatonic(ioctlfd)
+        os.close(ioctlfd)
+        umount2(item.mount_point, UmountFlags.DETACH)
+
+
+# -- the migration ------------------------------------------------------------------------
+
+
+def cat(path: str) -> str:
+    done = subprocess.run(
+        ["cat", path],
+        capture_output=True,
+        text=True,
         start_new_session=True,
-        stderr=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
     )
-    deadline = time.monotonic() + 20
-    while not any(r.mount.mount_point == MNT for r in pyautofs.list_autofs_mounts()):
-        assert time.monotonic() < deadline and daemon.poll() is None, "serve did not start"
-        time.sleep(0.05)
-    subprocess.run(["ls", f"{MNT}/data"], start_new_session=True, check=True)  # mount a key
-    return daemon
+    return done.stdout if done.returncode == 0 else done.stderr.strip()
+
+
+def owner_of(mnt: str) -> pyautofs.AutofsMountReport | None:
+    """The mount's report if a process reads its pipe (mountinfo's pipe_ino= vs /proc)."""
+    for report in pyautofs.list_autofs_mounts():
+        if report.mount.mount_point == mnt and report.readers:
+            return report
+    return None
 
 
 def main() -> None:
-    daemon = start_daemon()
+    root = tempfile.mkdtemp(prefix="migrate-")
+    mnt, exports = f"{root}/mnt", f"{root}/exports"
+    os.makedirs(f"{exports}/data")
+    with open(f"{exports}/data/hello", "w") as f:
+        f.write("hello through the automount")
+    with open(f"{root}/auto.map", "w") as f:
+        f.write(f"* :{exports}/&\n")
+    # The daemon to migrate: `pyautofs serve` here, but any autofs daemon would do.
+    serve = ["serve", "--lock-dir", f"{root}/locks", mnt, f"{root}/auto.map"]
+    old = subprocess.Popen(
+        [sys.executable, "-m", "pyautofs", *serve],
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    restored: subprocess.Popen[bytes] | None = None
     try:
-        worker = pyautofs.start_worker()  # stands in for the restored daemon process
-        # 1. Which process owns the mount? The kernel's pipe_ino= names the pipe.
-        (report,) = [r for r in pyautofs.list_autofs_mounts() if r.mount.mount_point == MNT]
-        readers = [(h.pid, h.comm, h.fd) for h in report.readers]
-        print(f"{MNT}: pipe_ino={report.mount.pipe_ino}, readers (pid, command, fd): {readers}")
-        # 2. Dump it: options, owner and its fd numbers, queued requests, what is beneath.
-        image = pyautofs.dump_autofs_mount(MNT)
+        deadline = time.monotonic() + 20
+        while (report := owner_of(mnt)) is None:
+            assert time.monotonic() < deadline and old.poll() is None, "serve did not start"
+            time.sleep(0.02)
+        print("before:", cat(f"{mnt}/data/hello"))
+
+        # 1. Who owns the mount? pipe_ino= in mountinfo names the pipe; /proc/*/fd has it.
+        (reader,) = report.readers
+        print(f"pipe_ino={report.mount.pipe_ino} is read by pid {reader.pid} on fd {reader.fd}")
+
+        # 2. Dump it: options, timeout, owner and its fd numbers, queued requests.
+        image = pyautofs.dump_autofs_mount(mnt)
+        saved = image.to_bytes()  # what a checkpoint would store
         assert image.owner is not None
+        old_fd = image.owner.read_fd
         print(
-            f"dumped: mode={image.mode.value} timeout={image.timeout}s owner pid="
-            f"{image.owner.pid} read_fd={image.owner.read_fd} write_fd={image.owner.write_fd}"
+            f"dumped: {image.mode.value}, timeout {image.timeout} s, owner fd {old_fd}, "
+            f"{image.pending_requests} queued request(s), {len(saved)} bytes"
         )
-        # 3. Rebuild it at NEW and hand its pipe to the worker at the same fd number.
-        done = pyautofs.restore_to_workers(
-            [(worker.sock, [pyautofs.MountJob(image, mount_point=NEW)])], timeout=30
+
+        # 3. The checkpoint ends: the old owner goes, and so does its mount.
+        old.kill()
+        old.wait(timeout=30)
+        umount2(mnt, UmountFlags.DETACH)  # the autofs mount and the key mounted on it
+        print("old owner killed, mount removed:", not os.path.ismount(mnt))
+
+        # 4. Restore: start the new owner, rebuild the mount, hand it the new pipe.
+        restored = subprocess.Popen(
+            [sys.executable, __file__, "restored", str(theirs.fileno()), exports],
+            pass_fds=[theirs.fileno()],
+            start_new_session=True,  # its process group becomes the mount's owner
         )
-        (new,) = [r for r in pyautofs.list_autofs_mounts() if r.mount.mount_point == NEW]
-        print(
-            f"restored at {NEW}: pipe_ino={new.mount.pipe_ino}, "
-            f"readers (pid, fd): {[(h.pid, h.fd) for h in new.readers]}"
-        )
-        print(
-            f"the worker (pid {worker.pid}) holds the read end at fd "
-            f"{image.owner.read_fd}: {new.readers[0].pid == worker.pid}"
-        )
-        print(f"took {done.prepare_seconds * 1e3:.1f} ms + {done.confirm_seconds * 1e3:.1f} ms")
+        theirs.close()
+        image = pyautofs.AutofsMountImage.from_bytes(saved)
+        done = pyautofs.restore_autofs_mount(image, owner=ours, timeout=30)
+        print(f"rebuilt: pipe_ino={done.pipe_ino}, taken over by the new owner:", end=" ")
+        print(done.owner_pid == restored.pid)
+        ours.settimeout(30)
+        print("restored owner:", ours.recv(4096).decode())
+
+        # 5. The migrated mount serves lookups again.
+        print("after:", cat(f"{mnt}/data/hello"))
+        print("restored owner:", ours.recv(4096).decode())
+        report = owner_of(mnt)
+        assert report is not None
+        (reader,) = report.readers
+        print("same fd as the old owner:", reader.pid == restored.pid and reader.fd == old_fd)
     finally:
-        with AutofsControl.open() as ctl:  # the worker serves nothing: retire the copy
-            for r in pyautofs.list_autofs_mounts():
-                if r.mount.mount_point == NEW:
-                    fd = ctl.openmount(NEW, r.mount.dev)
-                    ctl.catatonic(fd)
-                    os.close(fd)
-                    umount2(NEW, UmountFlags.DETACH)
-        if "worker" in locals():
-            worker.close()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=30)
-        shutil.rmtree(ROOT)
+        if old.poll() is None:
+            old.terminate()
+        ours.close()  # the restored owner unmounts everything and exits
+        theirs.close()
+        for proc in (old, restored):
+            if proc is not None and proc.poll() is None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
+    print("autofs mounts left:", [r.mount.mount_point for r in pyautofs.list_autofs_mounts()])
+    shutil.rmtree(root)
 
 
 if __name__ == "__main__":
-    unshare_mount_namespace()
-    main()
+    if sys.argv[1:2] == ["restored"]:
+        restored_owner(socket.socket(fileno=int(sys.argv[2])), sys.argv[3])
+    else:
+        unshare_mount_namespace()  # nothing this example mounts can reach the host
+        main()
