@@ -90,6 +90,7 @@ def main() -> None:
             f.write(f"{key}: read through the automount")
     Path(f"{root}/events").touch()
     old = subprocess.Popen([sys.executable, __file__, "serve", root], start_new_session=True)
+    slow: subprocess.Popen[str] | None = None
     try:
         wait_for(root, f"{old.pid} serving")
         print(cat(root, "before").communicate(timeout=30)[0])
@@ -102,9 +103,10 @@ def main() -> None:
         (new,) = readers(root)
         print("the pipe is now read by the successor:", new not in (old.pid, os.getpid()))
     finally:
-        if old.poll() is None:
-            old.kill()
-            old.wait(timeout=30)
+        for proc in (old, slow):  # only left running if something went wrong
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
         for pid in readers(root):
             os.kill(pid, signal.SIGTERM)  # the successor shuts down gracefully
         deadline = time.monotonic() + 30
