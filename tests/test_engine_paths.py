@@ -304,3 +304,20 @@ async def test_a_refused_engine_leaves_the_serving_engines_mount_alone(
             assert not live.catatonic
             assert await lookups(tmp_path / "mnt" / "k") == [0]
             assert "k" in first.mounted_keys(tmp_path / "mnt")
+
+
+async def test_a_short_per_key_timeout_sets_the_pace_of_expiry(tmp_path: Path, src: Path) -> None:
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(src, request.path)
+
+    mnt = tmp_path / "mnt"
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler, timeout=40) as am:
+            am.set_key_timeout(mnt, "short", 1)
+            assert await lookups(mnt / "short", mnt / "long") == [0, 0]
+            t0 = trio.current_time()
+            while "short" in am.mounted_keys(mnt):
+                await trio.sleep(0.1)
+            # Checked every max(1 s, shortest timeout / 4), not every 40 s / 4 = 10 s.
+            assert trio.current_time() - t0 < 6
+            assert am.mounted_keys(mnt) == {"long"}

@@ -374,6 +374,11 @@ class Automounter:
             m.key_timeouts[key] = seconds
         if key in m.mounted and self._ctl is not None:
             self._ctl.set_key_timeout(m.ioctlfd, key, seconds)
+        if seconds and m.read_fd >= 0 and self._nursery is not None and not self._closing:
+            # (Re)start the expire loop, so a shorter timeout sets the pace from now on.
+            if m.expire_scope is not None:
+                m.expire_scope.cancel()
+            self._nursery.start_soon(self._expire_loop, m)
 
     # -- zero-downtime handover (see _handover.py) ---------------------------------------
 
@@ -765,7 +770,7 @@ class Automounter:
     def _serve(self, m: _Mount) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._reader, m)
-        if m.timeout > 0:
+        if m.timeout > 0 or any(t > 0 for t in m.key_timeouts.values()):
             self._nursery.start_soon(self._expire_loop, m)
 
     def _refuse_if_live(self, am: AutofsMount) -> None:
@@ -1128,10 +1133,12 @@ class Automounter:
 
     async def _expire_loop(self, m: _Mount) -> None:
         # automount checks every timeout/4; a key thus lives between timeout and 1.25x.
-        interval = max(1.0, m.timeout / 4)
+        # The shortest timeout sets the pace, per-key ones included (read on every turn:
+        # set_key_timeout may change them).
         with trio.CancelScope() as m.expire_scope:
             while True:
-                await trio.sleep(interval)
+                timeouts = [t for t in (m.timeout, *m.key_timeouts.values()) if t > 0]
+                await trio.sleep(max(1.0, min(timeouts, default=4) / 4))
                 try:
                     await self._expire_pass(m, ExpireFlags.NORMAL)
                 except OSError as exc:
