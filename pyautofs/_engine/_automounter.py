@@ -976,12 +976,20 @@ class Automounter:
     ) -> None:
         """Answer ``token``; never raises (a token the kernel no longer knows is logged)."""
         assert self._ctl is not None
+        ctl = self._ctl
+        fd = m.ioctlfd
+        opened = fd < 0  # offset mounts keep no fd: one for this answer (the hot path has one)
         try:
-            with self._ioctl_fd(m) as fd:
+            if opened:
+                fd = ctl.openmount(m.path, m.dev)
+            try:
                 if status == 0:
-                    self._ctl.ready(fd, token)
+                    ctl.ready(fd, token)
                 else:
-                    self._ctl.fail(fd, token, status)
+                    ctl.fail(fd, token, status)
+            finally:
+                if opened:
+                    os.close(fd)
         except OSError as exc:
             log.warning("%s: answering token %d for %r failed: %s", m.path, token, key, exc)
         if count:
