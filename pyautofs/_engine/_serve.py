@@ -23,15 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
-from .._maps._sun import (
-    MapEntry,
-    MountSpec,
-    OffsetMount,
-    ProgramMap,
-    SunMap,
-    load_map,
-    parse_master_map,
-)
+from .._maps._program import ProgramMap
+from .._maps._sources import load_map, parse_master_map, reload_map
+from .._maps._sun import SunMap
+from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
@@ -203,11 +198,20 @@ class MapServer:
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
 
-    def _register(self, mc: MountConfig) -> None:
+    def _register(
+        self, mc: MountConfig, loaded: SunMap | ProgramMap | OSError | None = None
+    ) -> None:
         try:
-            self.maps[mc.mount_point] = self._load(mc)
+            if isinstance(loaded, OSError):
+                raise loaded
+            self.maps[mc.mount_point] = self._load(mc) if loaded is None else loaded
         except OSError as exc:
-            log.error("%s: map %s cannot be read: %s; not served", mc.mount_point, mc.map_path, exc)
+            log.error(
+                "%s: map %s cannot be read: %s; not served",
+                mc.mount_point,
+                mc.map_path,
+                exc.strerror or exc,
+            )
             return
         self.mounts[mc.mount_point] = mc
         self.automounter.add_mount(
@@ -223,7 +227,10 @@ class MapServer:
         amap = self.maps[mount_point]
         variables = _Variables(requester)
         if isinstance(amap, ProgramMap):
-            argv, env = amap.command(key, variables)
+            command = amap.command(key, variables)
+            if command is None:
+                return None
+            argv, env = command
             with trio.move_on_after(amap.timeout) as scope:
                 done = await trio.run_process(
                     argv, env=env, check=False, capture_stdout=True, capture_stderr=True, stdin=b""
@@ -233,7 +240,7 @@ class MapServer:
                     "program map %s %s: no answer within %s s", amap.path, key, amap.timeout
                 )
                 return None
-            return amap.parse_output(key, done.stdout, done.returncode, variables)
+            return amap.parse_output(key, done.stdout, done.returncode)
         return amap.lookup(key, variables)
 
     def _key_of(self, mount_point: str, key: str) -> str:
@@ -427,23 +434,27 @@ class MapServer:
                 log.warning("%s: offset trigger not adopted: %s", info.mount_point, exc)
         await trio.lowlevel.checkpoint()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read every map (and the master map's list of mounts)."""
-        for mp, mc in self.mounts.items():
-            try:
-                self.maps[mp] = self.maps[mp].reload()
-            except OSError as exc:
-                log.error(
-                    "%s: map %s cannot be re-read: %s; keeping the old one", mp, mc.map_path, exc
-                )
+    async def reload(self) -> None:
+        """SIGHUP: re-read every map, off the event loop (lookups go on meanwhile)."""
+        current = dict(self.maps)
+        fresh = await trio.to_thread.run_sync(_reread_maps, current, dict(self.mounts))
+        for mp, amap in fresh.items():
+            if mp in self.maps and self.maps[mp] is current[mp]:
+                self.maps[mp] = amap
         log.info("maps re-read")
 
     async def reload_master(self) -> None:
         """Add mounts a changed master map names, remove the ones it no longer names."""
         if self.config.master is None:
-            self.reload()
+            await self.reload()
             return
-        wanted = {mc.mount_point: mc for mc in config_from_master(self.config.master)}
+        try:
+            configs = await trio.to_thread.run_sync(config_from_master, self.config.master)
+        except OSError as exc:
+            log.error("master map %s cannot be re-read: %s; keeping the mounts", exc.filename, exc)
+            await self.reload()
+            return
+        wanted = {mc.mount_point: mc for mc in configs}
         for mp in list(self.mounts):
             if mp not in wanted:
                 for offset in sorted(
@@ -456,10 +467,44 @@ class MapServer:
                 self.maps.pop(mp, None)
                 await self.automounter.remove_mount(mp)
                 log.info("%s: no longer in the master map; removed", mp)
-        for mp, mc in wanted.items():
-            if mp not in self.mounts:
-                self._register(mc)
-        self.reload()
+        new = [mc for mp, mc in wanted.items() if mp not in self.mounts]
+        loaded = await trio.to_thread.run_sync(_load_maps, new)
+        for mc in new:
+            self._register(mc, loaded.get(mc.mount_point))
+        await self.reload()
+
+
+def _reread_maps(
+    maps: dict[str, SunMap | ProgramMap], mounts: dict[str, MountConfig]
+) -> dict[str, SunMap | ProgramMap]:
+    """The maps that changed, re-read (in a worker thread); a failed one keeps the old."""
+    out = {}
+    for mp, amap in maps.items():
+        try:
+            new = reload_map(amap)
+        except OSError as exc:
+            mc = mounts.get(mp)
+            log.error(
+                "%s: map %s cannot be re-read: %s; keeping the old one",
+                mp,
+                mc.map_path if mc else "?",
+                exc.strerror or exc,
+            )
+            continue
+        if new is not amap:
+            out[mp] = new
+    return out
+
+
+def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | OSError]:
+    """Each config's map read and parsed (in a worker thread), or why it could not be."""
+    out: dict[str, SunMap | ProgramMap | OSError] = {}
+    for mc in configs:
+        try:
+            out[mc.mount_point] = load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        except OSError as exc:
+            out[mc.mount_point] = exc
+    return out
 
 
 async def serve(
