@@ -12,7 +12,7 @@ import fcntl
 import math
 import os
 
-__all__ = ["seconds", "whole_seconds", "positive_int", "open_fd"]
+__all__ = ["seconds", "whole_seconds", "positive_int", "fd_number", "writable_fd_problem"]
 
 
 def seconds(text: str) -> float:
@@ -52,18 +52,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def open_fd(text: str) -> int:
-    """The number of an fd this process has open for writing (a supervisor's pipe)."""
+def fd_number(text: str) -> int:
+    """An fd number (>= 0); whether it is open is checked when the command starts."""
     try:
         fd = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an fd number") from None
     if fd < 0:
         raise argparse.ArgumentTypeError(f"must be an fd number >= 0, not {text}")
+    return fd
+
+
+def writable_fd_problem(fd: int) -> str | None:
+    """Why ``fd`` cannot be written to by this process, or None."""
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
-        raise argparse.ArgumentTypeError(f"fd {fd} is not open in this process") from None
+        return f"fd {fd} is not open in this process"
     if flags & os.O_ACCMODE == os.O_RDONLY:
-        raise argparse.ArgumentTypeError(f"fd {fd} is open read-only; it must be writable")
-    return fd
+        return f"fd {fd} is open read-only; it must be writable"
+    return None

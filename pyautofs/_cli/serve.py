@@ -21,7 +21,7 @@ from .._engine._serve import (
 from .._sys._mountinfo import autofs_mounts, find_pipe_holders
 from ._errors import environment_problem
 from ._logging import LOG_TARGETS, setup_logging
-from ._options import open_fd, seconds, whole_seconds
+from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
 
 _EXAMPLES = """\
 examples:
@@ -116,7 +116,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--ready-fd",
-        type=open_fd,
+        type=fd_number,
         default=None,
         metavar="N",
         help="write READY=1 and a newline to fd N, then close it, once every mount is live",
@@ -250,6 +250,11 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.ready_fd is not None:
+        problem = writable_fd_problem(args.ready_fd)
+        if problem:
+            print(f"pyautofs serve: --ready-fd {args.ready_fd}: {problem}", file=sys.stderr)
+            return 2
     problem = environment_problem("serve")
     if problem:
         print(problem, file=sys.stderr)

@@ -984,9 +984,8 @@ async def serve(
                 nursery.start_soon(serving.handle_signals, sigs, nursery)
                 await nursery.start(engine)
                 await server.adopt_offsets()
-                status = _status(server)
-                log.info("%s; pid %d", status, os.getpid())
-                notifier.ready(status)
+                log.info("serving %d autofs mount(s); pid %d", len(server.mounts), os.getpid())
+                notifier.ready(_status(server))
                 nursery.start_soon(serving.heartbeat)
     finally:
         if server is not None and not (serving is not None and serving.handed_over):
