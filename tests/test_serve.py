@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -62,11 +62,19 @@ def wait_ready(proc: subprocess.Popen[bytes], ready_r: int, log: Path, timeout: 
 
 
 def start_serve(
-    log: Path, args: list[str], *, env: dict[str, str] | None = None
+    log: Path,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """``pyautofs serve ARGS`` in its own session, returned once it is ready (--ready-fd)."""
+    """``pyautofs serve ARGS`` in its own session, returned once it is ready (--ready-fd).
+
+    ``wrapper`` is a command that execs its arguments (say, ``unshare ... sh -c``).
+    """
     ready_r, ready_w = os.pipe()
-    argv = [sys.executable, "-m", "pyautofs", "serve", "--ready-fd", str(ready_w), *args]
+    argv = [*wrapper, sys.executable, "-m", "pyautofs", "serve", "--ready-fd", str(ready_w)]
+    argv += args
     try:
         with log.open("w") as err:
             proc = subprocess.Popen(

@@ -142,6 +142,21 @@ def choose_target(environ: Mapping[str, str], stderr_fd: int = 2) -> str:
     return "stderr"
 
 
+def _probe_syslog(path: str = SYSLOG_SOCKET) -> None:
+    """Raise ``OSError`` unless a syslog daemon listens at ``path`` (the handler would not)."""
+    error: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC) as probe:
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                error = error or exc
+                continue
+            return
+    assert error is not None
+    raise error
+
+
 def setup_logging(target: str | None, *, verbose: bool = False) -> str:
     """Send the ``pyautofs`` logger to ``target`` (None: choose); returns the target used.
 
@@ -152,6 +167,7 @@ def setup_logging(target: str | None, *, verbose: bool = False) -> str:
     if chosen == "journal":
         handler = JournalHandler()
     elif chosen == "syslog":
+        _probe_syslog()
         handler = logging.handlers.SysLogHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )

@@ -245,7 +245,8 @@ def main(args: argparse.Namespace) -> int:
         setup_logging(args.log_target, verbose=args.verbose)
     except OSError as exc:
         print(
-            f"pyautofs serve: cannot log to {args.log_target}: {exc.strerror} "
+            f"pyautofs serve: cannot log to {args.log_target} ({exc.filename or '/dev/log'}): "
+            f"{exc.strerror} "
             "(is a syslog daemon running? or use --log-target stderr)",
             file=sys.stderr,
         )
