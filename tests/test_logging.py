@@ -229,7 +229,9 @@ def test_serve_logs_each_mount_failure_and_unmount_escaped(tmp_path: Path) -> No
     mounted = [line for line in lines if " INFO mounted " in line]
     assert len(mounted) == 1, text
     assert f"mounted {mnt}/alpha (bind {tmp_path}/exports/alpha) for pid " in mounted[0]
-    assert re.search(r"for pid \d+ \(\S*python\S* -c import os,sys\\ntry:.*\) in [\d.]+ ms$", mounted[0])
+    assert re.search(
+        r"for pid \d+ \(\S*python\S* -c import os,sys\\ntry:.*\) in [\d.]+ ms$", mounted[0]
+    )
     failed = [line for line in lines if "lookup of " in line]
     assert len(failed) == 1, text
     assert "x\\n2026-01-01T00:00:00.000+0000 pyautofs[1] ERROR forged\\x1b[2J" in failed[0]

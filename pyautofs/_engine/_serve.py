@@ -799,6 +799,9 @@ class MapServer:
         clear_negative = getattr(self.automounter, "clear_negative", None)
         if callable(clear_negative):
             clear_negative()
+        else:  # an engine from before clear_negative(): the same, by hand
+            for m in getattr(self.automounter, "_mounts", {}).values():
+                getattr(m, "negative", {}).clear()
         log.info("maps re-read; failed lookups forgotten")
 
     async def reload_master(self) -> None:
