@@ -57,6 +57,7 @@ from pyautofs._sys._mount import (
 )
 from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
 from pyautofs._sys._pipes import PipeFlags, pipe2, set_pipe_size
+from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted
 
 __all__ = [
     "AUTOMOUNT",
@@ -85,8 +86,10 @@ __all__ = [
     "tidy",
 ]
 
-AUTOMOUNT = shutil.which("automount") or "/usr/sbin/automount"
-"""Debian's automount(8) (package autofs, 5.1.8 on Debian 12)."""
+AUTOMOUNT = shutil.which("automount", path=SAFE_PATH) or "/usr/sbin/automount"
+"""Debian's automount(8) (package autofs, 5.1.8 on Debian 12), looked up in a fixed system
+PATH; :func:`check_environment` and :func:`automount_version` refuse it unless its owner
+and mode pass :func:`~pyautofs._sys._trust.check_trusted` (it runs as root)."""
 
 AUTOMOUNT_FLAG = "/run/autofs-running"
 """automount's machine-wide flag file: the pid of the one automount allowed to run (a second
@@ -109,6 +112,11 @@ def check_environment(*, automount: bool = False) -> str | None:
         return "needs /dev/autofs (CONFIG_AUTOFS_FS=y, or 'modprobe autofs4')"
     if automount and not os.access(AUTOMOUNT, os.X_OK):
         return f"needs automount(8) at {AUTOMOUNT} (apt-get install autofs)"
+    if automount:
+        try:
+            check_trusted(AUTOMOUNT)
+        except UntrustedPathError as exc:
+            return str(exc.strerror)
     return None
 
 
@@ -143,6 +151,7 @@ def automount_version() -> str | None:
     if not os.access(AUTOMOUNT, os.X_OK):
         return None
     try:
+        check_trusted(AUTOMOUNT)
         out = subprocess.run(
             [AUTOMOUNT, "-V"], capture_output=True, text=True, timeout=10, check=False
         ).stdout
@@ -279,6 +288,7 @@ def _sweep_stale(prefix: str) -> None:
         if not name.startswith(prefix) or not os.path.isdir(root):
             continue
         try:
+            check_trusted(root)  # made by us (mkdtemp), not planted by another user
             with open(os.path.join(root, _OWNER)) as f:
                 owner = int(f.read())
         except (OSError, ValueError):
@@ -553,7 +563,7 @@ def start_automount(
             continue
         with open(log, "wb") as out:
             proc = ws.spawn(
-                [AUTOMOUNT, "-f", "-t", str(timeout), master],
+                [check_trusted(AUTOMOUNT), "-f", "-t", str(timeout), master],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

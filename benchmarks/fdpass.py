@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 import pyautofs
+from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted, trusted_program
 
 TITLE = "fd passing over a socketpair: fds/s (median of repeats), ratios to stdlib and C"
 BATCHES = (1, 16, 64, 253, 1000)
@@ -110,27 +111,49 @@ def _measure_python(kind: str, batch: int, messages: int) -> float:
     return batch * messages / elapsed
 
 
-def _compile_c() -> str | None:
-    cc = shutil.which("cc") or shutil.which("gcc")
+def _compile_c(workdir: str) -> str | None:
+    """Build the C reference into ``workdir`` (a fresh 0700 directory of this run).
+
+    Never a cached binary at a fixed path: anyone may create ``$TMPDIR/anything`` first, and
+    this benchmark runs as root. The compiler and the source must pass
+    :func:`~pyautofs._sys._trust.check_trusted` too, and the compiler runs with a fixed PATH
+    and its temporaries in ``workdir``.
+    """
+    cc = trusted_program("cc") or trusted_program("gcc")
     if cc is None:
         return None
-    out = Path(tempfile.gettempdir()) / "pyautofs-bench" / "fdpass_c"
-    out.parent.mkdir(exist_ok=True)
-    if not out.exists() or out.stat().st_mtime < _C_SOURCE.stat().st_mtime:
-        subprocess.run([cc, "-O2", "-o", str(out), str(_C_SOURCE)], check=True)
-    return str(out)
+    source = check_trusted(_C_SOURCE)
+    out = os.path.join(workdir, "fdpass_c")
+    env = {"PATH": SAFE_PATH, "TMPDIR": workdir, "LC_ALL": "C"}
+    subprocess.run([cc, "-O2", "-o", out, source], check=True, env=env, cwd=workdir, timeout=120)
+    return out
 
 
 def _measure_c(binary: str, batch: int, messages: int) -> float:
     out = subprocess.run(
-        [binary, str(batch), str(messages)], capture_output=True, text=True, check=True
+        [binary, str(batch), str(messages)], capture_output=True, text=True, check=True, timeout=300
     )
     return batch * messages / float(out.stdout.strip())
 
 
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]:
     """Measure every variant at every batch size; return result rows."""
-    c_binary = _compile_c()
+    workdir = tempfile.mkdtemp(prefix="pyautofs-bench-fdpass-")  # 0700, new every run
+    try:
+        try:
+            check_trusted(workdir)  # and $TMPDIR above it: nobody else can swap it
+            c_binary = _compile_c(workdir)
+            c_missing = "no C compiler"
+        except UntrustedPathError as exc:
+            c_binary, c_missing = None, str(exc.strerror)
+        return _run(quick, progress, c_binary, c_missing)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    quick: bool, progress: Callable[[str], None], c_binary: str | None, c_missing: str
+) -> list[dict[str, object]]:
     repeats = 3 if quick else 7
     budget = 20_000 if quick else 200_000  # fds per measurement
     rows: list[dict[str, object]] = []
@@ -165,5 +188,5 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                 row["vs_c"] = round(fds_per_s / medians["c"], 2)
             rows.append(row)
         if c_binary is None:
-            rows.append({"variant": "c", "batch": batch, "missing": "no C compiler"})
+            rows.append({"variant": "c", "batch": batch, "missing": c_missing})
     return rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pyautofs._sys._trust import SAFE_PATH, trusted_program
 
 TITLE = "lookups during a handover: failures (target 0) and worst latency, 3 ways"
 
@@ -114,9 +115,18 @@ def _pids_reading(mnt: Path) -> list[int]:
     ]
 
 
+def _program(name: str) -> str:
+    """A program this benchmark runs (as root): from a fixed system PATH, owner and mode
+    checked (see pyautofs._sys._trust), by its resolved path."""
+    path = trusted_program(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is not installed in {SAFE_PATH}")
+    return path
+
+
 def _cleanup(mnt: Path) -> None:
     for _ in range(4):
-        subprocess.run(["umount", "-R", "-l", str(mnt)], capture_output=True, check=False)
+        subprocess.run([_program("umount"), "-R", "-l", str(mnt)], capture_output=True, check=False)
     # A killed automount(8) leaves its per-mount log-priority fifo behind.
     fifo = Path("/run") / ("autofs.fifo-" + str(mnt).strip("/").replace("/", "-"))
     fifo.unlink(missing_ok=True)
@@ -140,7 +150,7 @@ def _variant(name: str, work: Path, seconds: float, nclients: int) -> dict[str, 
             _wait_for(
                 lambda: (
                     subprocess.run(
-                        ["pgrep", "-x", "automount"], capture_output=True, check=False
+                        [_program("pgrep"), "-x", "automount"], capture_output=True, check=False
                     ).returncode
                     != 0
                 ),
@@ -149,7 +159,7 @@ def _variant(name: str, work: Path, seconds: float, nclients: int) -> dict[str, 
             master = work / "auto.master"
             master.write_text(f"{mnt} {amap}\n")
             first = subprocess.Popen(
-                ["setsid", "automount", "-f", "-t", "0", str(master)],
+                [_program("setsid"), _program("automount"), "-f", "-t", "0", str(master)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -170,7 +180,14 @@ def _variant(name: str, work: Path, seconds: float, nclients: int) -> dict[str, 
             first.kill()
             first.wait()
             again = subprocess.Popen(
-                ["setsid", "automount", "-f", "-t", "0", str(work / "auto.master")],
+                [
+                    _program("setsid"),
+                    _program("automount"),
+                    "-f",
+                    "-t",
+                    "0",
+                    str(work / "auto.master"),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -199,7 +216,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="pyautofs-bench-handover-") as tmp:
         for name in ("pyautofs-sigusr2", "pyautofs-takeover", "automount-restart"):
-            if name.startswith("automount") and shutil.which("automount") is None:
+            if name.startswith("automount") and trusted_program("automount") is None:
                 rows.append({"variant": name, "missing": "automount(8) is not installed"})
                 continue
             progress(f"handover {name}")

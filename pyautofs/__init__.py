@@ -24,16 +24,16 @@ from ._engine._requests import MountRequest as MountRequest
 from ._engine._requests import Requester as Requester
 
 # -- autofs maps (_maps)
-from ._maps._sun import MapEntry as MapEntry
-from ._maps._sun import MapWarning as MapWarning
-from ._maps._sun import MasterEntry as MasterEntry
-from ._maps._sun import MountSpec as MountSpec
-from ._maps._sun import OffsetMount as OffsetMount
-from ._maps._sun import ProgramMap as ProgramMap
+from ._maps._master import MasterEntry as MasterEntry
+from ._maps._program import ProgramMap as ProgramMap
+from ._maps._sources import load_map as load_map
+from ._maps._sources import parse_master_map as parse_master_map
 from ._maps._sun import SunMap as SunMap
-from ._maps._sun import load_map as load_map
-from ._maps._sun import parse_master_map as parse_master_map
 from ._maps._sun import parse_sun_map as parse_sun_map
+from ._maps._types import MapEntry as MapEntry
+from ._maps._types import MapWarning as MapWarning
+from ._maps._types import MountSpec as MountSpec
+from ._maps._types import OffsetMount as OffsetMount
 
 # -- checkpoint/restore (_restore)
 from ._restore._autofs import AutofsImageError as AutofsImageError

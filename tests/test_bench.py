@@ -22,8 +22,8 @@ def bench(name: str, *extra: str) -> tuple[str, dict[str, Any]]:
         timeout=600,
         check=True,
     )
-    table, _, doc = result.stdout.partition("\n{")
-    return table, json.loads("{" + doc)
+    # With --json -, stdout is the JSON document alone; the table is on stderr.
+    return result.stderr, json.loads(result.stdout)
 
 
 def test_bench_list_names_the_benchmarks() -> None:

@@ -68,7 +68,7 @@ def test_only_sys_imports_ctypes_and_only_engine_imports_trio() -> None:
 
 
 def test_facades_only_reexport() -> None:
-    for name in ("__init__.py", "lowlevel.py"):
+    for name in ("__init__.py", "lowlevel.py", "restore.py"):
         tree = ast.parse((PACKAGE / name).read_text())
         for node in tree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):

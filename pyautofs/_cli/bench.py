@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from .._sys._mount import unshare_mount_namespace
+from .._sys._trust import check_trusted
 
 _EXAMPLES = """\
 examples:
@@ -59,6 +60,20 @@ def _bench_dir(explicit: str | None) -> Path | None:
         if (c / "README.md").exists() or any(c.glob("*.py")):
             return c
     return None
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a benchmarks folder that another user could have written: its modules are
+    imported and its C sources compiled and run, often as root. The folder, its parents,
+    its sources and its ``__pycache__`` must pass :func:`check_trusted`."""
+    check_trusted(folder)
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".py", ".c") or path.name == "__pycache__":
+            check_trusted(path)
+    cache = folder / "__pycache__"
+    if cache.is_dir():
+        for path in sorted(cache.iterdir()):
+            check_trusted(path)
 
 
 def _available(folder: Path) -> list[str]:
@@ -152,6 +167,11 @@ def main(args: argparse.Namespace) -> int:
     if folder is None:
         print("pyautofs bench: no benchmarks/ folder found (use --dir)", file=sys.stderr)
         return 2
+    try:
+        _check_folder(folder)
+    except OSError as exc:
+        print(f"pyautofs bench: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     names = _available(folder)
     if args.name == "list":
         for name in names:
@@ -173,7 +193,9 @@ def main(args: argparse.Namespace) -> int:
         rows = module.run(args.quick, _progress)
         if sys.stderr.isatty():
             print("\r\033[K", end="", file=sys.stderr)
-        print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n")
+        # With --json -, stdout carries the JSON alone; the table goes to stderr.
+        table_out = sys.stderr if args.json == "-" else sys.stdout
+        print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n", file=table_out)
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
         if args.plot:
             try:

@@ -38,16 +38,10 @@ from typing import TypeVar
 import attrs
 import trio
 
-from .._maps._sun import (
-    MAX_PROGRAM_OUTPUT,
-    MapEntry,
-    MountSpec,
-    OffsetMount,
-    ProgramMap,
-    SunMap,
-    load_map,
-    parse_master_map,
-)
+from .._maps._program import MAX_PROGRAM_OUTPUT, ProgramMap
+from .._maps._sources import load_map, parse_master_map, reload_map
+from .._maps._sun import SunMap
+from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
@@ -441,9 +435,13 @@ class MapServer:
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
 
-    def _register(self, mc: MountConfig) -> None:
+    def _register(
+        self, mc: MountConfig, loaded: SunMap | ProgramMap | OSError | None = None
+    ) -> None:
         try:
-            self.maps[mc.mount_point] = self._load(mc)
+            if isinstance(loaded, OSError):
+                raise loaded
+            self.maps[mc.mount_point] = self._load(mc) if loaded is None else loaded
         except OSError as exc:
             log.error(
                 "%s: map %s cannot be read: %s; not served",
@@ -500,7 +498,10 @@ class MapServer:
     async def _run_program_map(
         self, amap: ProgramMap, key: str, variables: Mapping[str, str]
     ) -> MapEntry | None:
-        argv, env = amap.command(key, variables)
+        command = amap.command(key, variables)
+        if command is None:
+            return None
+        argv, env = command
         where = f"map program {printable(amap.path)} {printable(key)}"
         try:
             run = await run_program(argv, env, amap.timeout)
@@ -513,7 +514,7 @@ class MapServer:
             )
         if run.stderr_total:
             log.info("%s wrote to stderr: %s", where, printable(run.stderr.strip(), 1024))
-        return amap.parse_output(key, run.stdout, 0, variables)
+        return amap.parse_output(key, run.stdout, 0)
 
     def _log_outcome(
         self, request: MountRequest, t0: float, exc: BaseException | None, what: str = ""
@@ -784,18 +785,14 @@ class MapServer:
                 )
         await trio.lowlevel.checkpoint()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read every map (and the master map's list of mounts)."""
-        for mp, mc in self.mounts.items():
-            try:
-                self.maps[mp] = self.maps[mp].reload()
-            except OSError as exc:
-                log.error(
-                    "%s: map %s cannot be re-read: %s; keeping the old one",
-                    printable(mp),
-                    printable(mc.map_path),
-                    exc.strerror or exc,
-                )
+    async def reload(self) -> None:
+        """SIGHUP: re-read every map, off the event loop (lookups go on meanwhile), and
+        forget failed lookups (a key just added to a map must not keep failing)."""
+        current = dict(self.maps)
+        fresh = await trio.to_thread.run_sync(_reread_maps, current, dict(self.mounts))
+        for mp, amap in fresh.items():
+            if mp in self.maps and self.maps[mp] is current[mp]:
+                self.maps[mp] = amap
         clear_negative = getattr(self.automounter, "clear_negative", None)
         if callable(clear_negative):
             clear_negative()
@@ -807,9 +804,19 @@ class MapServer:
     async def reload_master(self) -> None:
         """Add mounts a changed master map names, remove the ones it no longer names."""
         if self.config.master is None:
-            self.reload()
+            await self.reload()
             return
-        wanted = {mc.mount_point: mc for mc in config_from_master(self.config.master)}
+        try:
+            configs = await trio.to_thread.run_sync(config_from_master, self.config.master)
+        except OSError as exc:
+            log.error(
+                "master map %s cannot be re-read: %s; keeping the mounts",
+                printable(str(exc.filename)),
+                exc.strerror or exc,
+            )
+            await self.reload()
+            return
+        wanted = {mc.mount_point: mc for mc in configs}
         for mp in list(self.mounts):
             if mp not in wanted:
                 for offset in sorted(
@@ -822,10 +829,44 @@ class MapServer:
                 self.maps.pop(mp, None)
                 await self.automounter.remove_mount(mp)
                 log.info("%s: no longer in the master map; removed", printable(mp))
-        for mp, mc in wanted.items():
-            if mp not in self.mounts:
-                self._register(mc)
-        self.reload()
+        new = [mc for mp, mc in wanted.items() if mp not in self.mounts]
+        loaded = await trio.to_thread.run_sync(_load_maps, new)
+        for mc in new:
+            self._register(mc, loaded.get(mc.mount_point))
+        await self.reload()
+
+
+def _reread_maps(
+    maps: dict[str, SunMap | ProgramMap], mounts: dict[str, MountConfig]
+) -> dict[str, SunMap | ProgramMap]:
+    """The maps that changed, re-read (in a worker thread); a failed one keeps the old."""
+    out = {}
+    for mp, amap in maps.items():
+        try:
+            new = reload_map(amap)
+        except OSError as exc:
+            mc = mounts.get(mp)
+            log.error(
+                "%s: map %s cannot be re-read: %s; keeping the old one",
+                printable(mp),
+                printable(mc.map_path) if mc else "?",
+                exc.strerror or exc,
+            )
+            continue
+        if new is not amap:
+            out[mp] = new
+    return out
+
+
+def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | OSError]:
+    """Each config's map read and parsed (in a worker thread), or why it could not be."""
+    out: dict[str, SunMap | ProgramMap | OSError] = {}
+    for mc in configs:
+        try:
+            out[mc.mount_point] = load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        except OSError as exc:
+            out[mc.mount_point] = exc
+    return out
 
 
 _CONTROL_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
