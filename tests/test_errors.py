@@ -218,7 +218,7 @@ def test_bad_map_lines_warn_and_the_good_ones_are_served(tmp_path: Path, exports
     try:
         log = s.text()
         assert f"{amap}:2: bad entry for 'broken'" in log, log
-        assert f"{amap}:3: cannot split the line: No closing quotation" in log, log
+        assert f"{amap}:3: cannot split the line: an unterminated quote" in log, log
         assert "Traceback" not in log
         assert lookup(tmp_path / "mnt" / "alpha" / "f") == (0, "alpha")
         assert lookup(tmp_path / "mnt" / "beta" / "f") == (0, "beta")
