@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 import trio
 
+from .._maps._ldap import LdapMap, is_ldap_name
 from .._maps._program import ProgramMap
 from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
@@ -31,6 +32,7 @@ from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
 from ._helpers import bind_mount, mount_tmpfs, run_mount
+from ._ldap import LdapPool
 from ._requests import ExpireRequest, MountRequest, Requester
 
 __all__ = ["ServeConfig", "MountConfig", "serve", "config_from_master", "config_for_map"]
@@ -64,7 +66,9 @@ class ServeConfig:
 
 def config_for_map(mount_point: str, map_path: str, timeout: int = 600) -> list[MountConfig]:
     """The config of ``pyautofs serve MOUNTPOINT MAPFILE``."""
-    return [MountConfig(os.path.abspath(mount_point), os.path.abspath(map_path), timeout=timeout)]
+    if not is_ldap_name(map_path):
+        map_path = os.path.abspath(map_path)
+    return [MountConfig(os.path.abspath(mount_point), map_path, timeout=timeout)]
 
 
 def config_from_master(master: str, default_timeout: int = 600) -> list[MountConfig]:
@@ -83,8 +87,9 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
         except OSError as exc:
             log.warning("%s: direct map %s: %s", master, e.map_path, exc)
             continue
-        if isinstance(m, ProgramMap):
-            log.warning("%s: direct program map %s is not supported", master, e.map_path)
+        if not isinstance(m, SunMap):
+            kind = "program" if isinstance(m, ProgramMap) else "LDAP"
+            log.warning("%s: direct %s map %s is not supported", master, kind, e.map_path)
             continue
         for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
             if any(mc.mount_point == key for mc in out):
@@ -188,18 +193,19 @@ class MapServer:
             lock_dir=config.lock_dir,
             unregistered_handler=self._handler_for_unregistered,
         )
-        self.maps: dict[str, SunMap | ProgramMap] = {}
+        self.maps: dict[str, SunMap | ProgramMap | LdapMap] = {}
+        self._ldap = LdapPool()
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
         """Key path -> the multi-mount entry it was mounted from (for its offsets)."""
         for mc in config.mounts:
             self._register(mc)
 
-    def _load(self, mc: MountConfig) -> SunMap | ProgramMap:
+    def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
 
     def _register(
-        self, mc: MountConfig, loaded: SunMap | ProgramMap | OSError | None = None
+        self, mc: MountConfig, loaded: SunMap | ProgramMap | LdapMap | OSError | None = None
     ) -> None:
         try:
             if isinstance(loaded, OSError):
@@ -241,6 +247,8 @@ class MapServer:
                 )
                 return None
             return amap.parse_output(key, done.stdout, done.returncode)
+        if isinstance(amap, LdapMap):
+            return await self._ldap.lookup(amap, key, variables)
         return amap.lookup(key, variables)
 
     def _key_of(self, mount_point: str, key: str) -> str:
@@ -475,8 +483,8 @@ class MapServer:
 
 
 def _reread_maps(
-    maps: dict[str, SunMap | ProgramMap], mounts: dict[str, MountConfig]
-) -> dict[str, SunMap | ProgramMap]:
+    maps: dict[str, SunMap | ProgramMap | LdapMap], mounts: dict[str, MountConfig]
+) -> dict[str, SunMap | ProgramMap | LdapMap]:
     """The maps that changed, re-read (in a worker thread); a failed one keeps the old."""
     out = {}
     for mp, amap in maps.items():
@@ -496,9 +504,9 @@ def _reread_maps(
     return out
 
 
-def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | OSError]:
+def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | LdapMap | OSError]:
     """Each config's map read and parsed (in a worker thread), or why it could not be."""
-    out: dict[str, SunMap | ProgramMap | OSError] = {}
+    out: dict[str, SunMap | ProgramMap | LdapMap | OSError] = {}
     for mc in configs:
         try:
             out[mc.mount_point] = load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
