@@ -14,8 +14,13 @@ from ._restore._autofs import AutofsMountImage as AutofsMountImage
 from ._restore._autofs import AutofsMountReport as AutofsMountReport
 from ._restore._autofs import AutofsOwner as AutofsOwner
 from ._restore._autofs import BeneathMount as BeneathMount
+from ._restore._autofs import autofs_images_from_bytes as autofs_images_from_bytes
+from ._restore._autofs import autofs_images_to_bytes as autofs_images_to_bytes
 from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
+from ._restore._autofs import dump_autofs_mounts as dump_autofs_mounts
 from ._restore._autofs import list_autofs_mounts as list_autofs_mounts
+from ._restore._autofs import read_autofs_images as read_autofs_images
+from ._restore._autofs import write_autofs_images as write_autofs_images
 
 # -- handing restored fds to their owner (_restore._handover)
 from ._restore._handover import Adopted as Adopted

@@ -24,7 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyautofs._proto._packets import MissingIndirect, decode_packet
-from pyautofs._restore._autofs import AutofsMountImage, AutofsOwner, dump_autofs_mount
+from pyautofs._restore._autofs import (
+    AutofsMountImage,
+    AutofsOwner,
+    dump_autofs_mount,
+    dump_autofs_mounts,
+)
 from pyautofs._restore._handover import HandoverFailed, wait_confirmation
 from pyautofs._restore._pipeimage import PipeImage, snapshot_pipe
 from pyautofs._restore._workers import (
@@ -389,3 +394,31 @@ def test_any_worker_layout_and_any_plan(
             remove_mounts_under(area)
             status = w.close(DEADLINE)
         assert status == 0
+
+
+def test_batch_dump_equals_single_dumps(area: Path, workers: list[WorkerProcess]) -> None:
+    """dump_autofs_mounts reads mountinfo and /proc once and finds what one-by-one finds."""
+    w1, w2 = start_worker(), start_worker()
+    workers += [w1, w2]
+    jobs1 = [MountJob(mount_image(area / f"a{i}", 100 + 2 * i, 101 + 2 * i)) for i in range(5)]
+    jobs2 = [MountJob(mount_image(area / f"b{i}", 50 + i, None)) for i in range(3)]
+    restore_to_workers([(w1.sock, jobs1), (w2.sock, jobs2)], timeout=DEADLINE)
+    paths = [j.image.mount_point for j in jobs1 + jobs2]
+    batch = dump_autofs_mounts(paths)
+    assert batch == [dump_autofs_mount(p) for p in paths]
+    for i, image in enumerate(batch[:5]):
+        assert image.owner is not None
+        assert (image.owner.pid, image.owner.read_fd, image.owner.write_fd) == (
+            w1.pid,
+            100 + 2 * i,
+            101 + 2 * i,
+        )
+        ends = {(h.pid, h.fd, h.end) for h in image.holders}
+        assert ends == {(w1.pid, 100 + 2 * i, "read"), (w1.pid, 101 + 2 * i, "write")}
+    for image in batch[5:]:
+        assert image.owner is not None and image.owner.write_fd is None
+    # All of one daemon's mounts, and nothing else.
+    mine = dump_autofs_mounts(owner_pid=w2.pid)
+    assert [m.mount_point for m in mine] == paths[5:]
+    with pytest.raises(FileNotFoundError, match="no autofs mount"):
+        dump_autofs_mounts([*paths, str(area)])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ._errors import describe, os_errors
 
 # Subcommand modules, in the order ``--help`` lists them.
-_SUBCOMMANDS = ("demo", "serve", "inspect", "bench", "version")
+_SUBCOMMANDS = ("demo", "serve", "inspect", "dump", "criu_hook", "bench", "version")
 
 _DESCRIPTION = """\
 The Linux autofs protocol and file-descriptor passing: serve autofs maps, see every autofs
@@ -27,6 +27,8 @@ examples:
   pyautofs serve /mnt/auto /etc/auto.data        serve one indirect map, in the foreground
   pyautofs serve --master /etc/auto.master       serve every mount the master map names
   pyautofs inspect                               every autofs mount and the process serving it
+  pyautofs dump /mnt/auto -o auto.img            capture a mount and its pipe into an image
+  pyautofs criu-hook --pid 1234 pause            pause expiry of a serve before a checkpoint
   pyautofs bench list                            the benchmarks there are
   pyautofs version                               versions of pyautofs and the kernel interface
 
