@@ -107,7 +107,9 @@ def split_words(line: str) -> list[str]:
         if word is None:
             if m.group(3) is None:
                 break
-            raise ValueError("an unterminated quote or a lone backslash")
+            if m.group(3) == '"':
+                raise ValueError("No closing quotation")
+            raise ValueError("No escaped character")
         if '"' in word or "\\" in word:
             word = _UNQUOTE.sub(_unquote, word)
         words.append(word)
