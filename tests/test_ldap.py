@@ -35,7 +35,7 @@ ldap = pytest.importorskip("ldap", reason="LDAP maps need python-ldap (the 'ldap
 
 from _slapd import SLAPD, SUFFIX, Slapd, automount_map_ldif  # noqa: E402
 
-from pyautofs._engine._ldap import LdapPool  # noqa: E402
+from pyautofs._engine._ldap import RETRY_AFTER, LdapPool  # noqa: E402
 
 needs_slapd = pytest.mark.skipif(SLAPD is None, reason="needs OpenLDAP's slapd (package slapd)")
 
@@ -236,7 +236,13 @@ async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
             assert trio.current_time() - t0 < 3
             with pytest.raises(LdapError, match="no LDAP server answered"):
                 await pool.lookup(m, "gamma", {})
-            server.start()  # back: the next lookup connects again
+            # Right after every server failed, lookups fail without a new attempt each.
+            t0 = trio.current_time()
+            with pytest.raises(LdapError, match="no LDAP server answered"):
+                await pool.lookup(m, "delta", {})
+            assert trio.current_time() - t0 < 0.5
+            server.start()  # back: a lookup connects again once the retry pause is over
+            await trio.sleep(RETRY_AFTER)
             assert source(await pool.lookup(m, "gamma", {})) == "/srv/exports/gamma"
             nursery.cancel_scope.cancel()
         assert max(gaps) < 0.5, max(gaps)

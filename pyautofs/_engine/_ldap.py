@@ -12,6 +12,7 @@ without asking), and the next lookup connects again, trying each server in order
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from collections.abc import Mapping
@@ -27,6 +28,9 @@ __all__ = ["LdapPool", "LdapLookups"]
 
 log = logging.getLogger("pyautofs")
 
+RETRY_AFTER = 1.0
+"""Seconds after every server failed to connect during which lookups fail without a try."""
+
 
 class LdapLookups:
     """The connection to one list of servers, and the lookups waiting on it."""
@@ -39,6 +43,7 @@ class LdapLookups:
         self._limiter = trio.CapacityLimiter(1)
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._down_until = -math.inf
+        self._down_error: LdapError | None = None
 
     @property
     def connection(self) -> Connection | None:
@@ -52,13 +57,28 @@ class LdapLookups:
             current = self.connection
             if current is not None:  # made while this lookup waited for the lock
                 return current
+            if trio.current_time() < self._down_until and self._down_error is not None:
+                # Every server failed a moment ago: say so at once, without a new attempt
+                # per lookup (a stampede of lookups of new keys while the directory is down).
+                raise self._down_error
             deadline = (self.settings.network_timeout + self.settings.timeout) * len(self.uris)
-            with trio.move_on_after(deadline + 1) as scope:
-                conn = await trio.to_thread.run_sync(
-                    connect, self.uris, self.settings, limiter=self._limiter, abandon_on_cancel=True
-                )
-            if scope.cancelled_caught:
-                raise LdapError(0, f"no LDAP server of {' '.join(self.uris)} answered in time")
+            try:
+                with trio.move_on_after(deadline + 1) as scope:
+                    conn = await trio.to_thread.run_sync(
+                        connect,
+                        self.uris,
+                        self.settings,
+                        limiter=self._limiter,
+                        abandon_on_cancel=True,
+                    )
+                if scope.cancelled_caught:
+                    raise LdapError(
+                        errno.EHOSTDOWN, f"no LDAP server of {' '.join(self.uris)} answered in time"
+                    )
+            except LdapError as exc:
+                self._down_until = trio.current_time() + RETRY_AFTER
+                self._down_error = exc
+                raise
             log.info("LDAP: connected to %s", conn.uri)
             self._conn = conn
             trio.lowlevel.spawn_system_task(self._read, conn, name=f"ldap reader {conn.uri}")
@@ -81,11 +101,11 @@ class LdapLookups:
                 if not answers:
                     await trio.lowlevel.wait_readable(conn.fileno())
         except (OSError, trio.ClosedResourceError) as exc:
-            self._lost(conn, LdapError(0, f"LDAP server {conn.uri}: {exc}"))
+            self._lost(conn, LdapError(errno.EHOSTDOWN, f"LDAP server {conn.uri}: {exc}"))
         except trio.Cancelled:
             raise
         except BaseException as exc:  # a system task must not crash the engine
-            self._lost(conn, LdapError(0, f"LDAP server {conn.uri}: {exc!r}"))
+            self._lost(conn, LdapError(errno.EHOSTDOWN, f"LDAP server {conn.uri}: {exc!r}"))
 
     def _lost(self, conn: Connection, exc: LdapError) -> None:
         if self._conn is conn:
