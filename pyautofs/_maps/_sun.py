@@ -108,8 +108,8 @@ def split_words(line: str) -> list[str]:
             if m.group(3) is None:
                 break
             if m.group(3) == '"':
-                raise ValueError("No closing quotation")
-            raise ValueError("No escaped character")
+                raise ValueError("an unterminated quote")
+            raise ValueError("a lone backslash")
         if '"' in word or "\\" in word:
             word = _UNQUOTE.sub(_unquote, word)
         words.append(word)
