@@ -18,6 +18,7 @@ from .._engine._serve import (
     config_from_master,
     run_serve,
 )
+from .._maps._ldap import is_ldap_name
 from .._sys._mountinfo import autofs_mounts, find_pipe_holders
 from ._errors import environment_problem
 from ._logging import LOG_TARGETS, setup_logging
@@ -176,7 +177,9 @@ def _mount_point_problem(path: str) -> str | None:
 
 
 def _map_problem(path: str, what: str) -> str | None:
-    """Why the map file at ``path`` cannot be read, or None."""
+    """Why the map file at ``path`` cannot be read, or None (LDAP maps: read when served)."""
+    if is_ldap_name(path):
+        return None
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -301,7 +304,11 @@ def main(args: argparse.Namespace) -> int:
         return 1
     config = ServeConfig(
         tuple(mounts),
-        master=os.path.abspath(args.master) if args.master else None,
+        master=(
+            args.master
+            if args.master is None or is_ldap_name(args.master)
+            else os.path.abspath(args.master)
+        ),
         takeover=args.takeover,
         negative_timeout=args.negative_timeout,
         request_timeout=args.request_timeout or math.inf,

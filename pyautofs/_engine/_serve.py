@@ -38,6 +38,7 @@ from typing import TypeVar
 import attrs
 import trio
 
+from .._maps._ldap import LdapMap, is_ldap_name
 from .._maps._program import MAX_PROGRAM_OUTPUT, ProgramMap
 from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
@@ -47,6 +48,7 @@ from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
 from ._helpers import bind_mount, mount_tmpfs, run_mount
+from ._ldap import LdapPool
 from ._notify import Notifier
 from ._requests import ExpireRequest, MountRequest, Requester
 
@@ -81,7 +83,9 @@ class ServeConfig:
 
 def config_for_map(mount_point: str, map_path: str, timeout: int = 600) -> list[MountConfig]:
     """The config of ``pyautofs serve MOUNTPOINT MAPFILE``."""
-    return [MountConfig(os.path.abspath(mount_point), os.path.abspath(map_path), timeout=timeout)]
+    if not is_ldap_name(map_path):
+        map_path = os.path.abspath(map_path)
+    return [MountConfig(os.path.abspath(mount_point), map_path, timeout=timeout)]
 
 
 def config_from_master(master: str, default_timeout: int = 600) -> list[MountConfig]:
@@ -102,10 +106,12 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
                 "%s: direct map %s: %s", printable(master), printable(e.map_path), exc.strerror
             )
             continue
-        if isinstance(m, ProgramMap):
+        if not isinstance(m, SunMap):
+            kind = "program" if isinstance(m, ProgramMap) else "LDAP"
             log.warning(
-                "%s: direct program map %s is not supported",
+                "%s: direct %s map %s is not supported",
                 printable(master),
+                kind,
                 printable(e.map_path),
             )
             continue
@@ -422,7 +428,8 @@ class MapServer:
             lock_dir=config.lock_dir,
             unregistered_handler=self._handler_for_unregistered,
         )
-        self.maps: dict[str, SunMap | ProgramMap] = {}
+        self.maps: dict[str, SunMap | ProgramMap | LdapMap] = {}
+        self._ldap = LdapPool()
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
         """Key path -> the multi-mount entry it was mounted from (for its offsets)."""
@@ -433,11 +440,11 @@ class MapServer:
         for mc in config.mounts:
             self._register(mc)
 
-    def _load(self, mc: MountConfig) -> SunMap | ProgramMap:
+    def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
 
     def _register(
-        self, mc: MountConfig, loaded: SunMap | ProgramMap | OSError | None = None
+        self, mc: MountConfig, loaded: SunMap | ProgramMap | LdapMap | OSError | None = None
     ) -> None:
         try:
             if isinstance(loaded, OSError):
@@ -494,6 +501,8 @@ class MapServer:
         variables = _Variables(requester)
         if isinstance(amap, ProgramMap):
             return await self._run_program_map(amap, key, variables)
+        if isinstance(amap, LdapMap):
+            return await self._ldap.lookup(amap, key, variables)
         return amap.lookup(key, variables)
 
     async def _run_program_map(
@@ -810,8 +819,8 @@ class MapServer:
 
 
 def _reread_maps(
-    maps: dict[str, SunMap | ProgramMap], mounts: dict[str, MountConfig]
-) -> dict[str, SunMap | ProgramMap]:
+    maps: dict[str, SunMap | ProgramMap | LdapMap], mounts: dict[str, MountConfig]
+) -> dict[str, SunMap | ProgramMap | LdapMap]:
     """The maps that changed, re-read (in a worker thread); a failed one keeps the old."""
     out = {}
     for mp, amap in maps.items():
@@ -831,9 +840,9 @@ def _reread_maps(
     return out
 
 
-def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | OSError]:
+def _load_maps(configs: list[MountConfig]) -> dict[str, SunMap | ProgramMap | LdapMap | OSError]:
     """Each config's map read and parsed (in a worker thread), or why it could not be."""
-    out: dict[str, SunMap | ProgramMap | OSError] = {}
+    out: dict[str, SunMap | ProgramMap | LdapMap | OSError] = {}
     for mc in configs:
         try:
             out[mc.mount_point] = load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
