@@ -340,6 +340,7 @@ async def test_lock_is_private_per_namespace_and_removed_on_exit(tmp_path: Path,
                     "-c",
                     f"open({str(lock)!r})",
                 ],
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=20,
@@ -458,7 +459,11 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
         assert int(fields[2]) != os.getpgrp()
         # Lookups from the script's own group now trigger (before, they could not).
         done = subprocess.run(
-            ["stat", "-c", "%F", f"{tmp_path}/mnt/k"], capture_output=True, text=True, timeout=20
+            ["stat", "-c", "%F", f"{tmp_path}/mnt/k"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         assert done.stdout.strip() == "directory"
         os.kill(pid, 15)
