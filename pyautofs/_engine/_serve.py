@@ -437,11 +437,23 @@ class MapServer:
         self._failure_log = _RateLimit()
         self.created_parents: list[str] = []
         """Directories made for mount points' parents, removed again at exit (if empty)."""
+        # The direct mounts of one map share its parse: loading it once per mount point
+        # would cost O(N^2) time and memory for N direct mounts.
+        self._loading: dict[tuple[str, str, bool], SunMap | ProgramMap | LdapMap] | None = {}
         for mc in config.mounts:
             self._register(mc)
+        self._loading = None
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
-        return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        if self._loading is None:
+            return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        key = (mc.map_path, repr(mc.defaults), mc.direct)
+        loaded = self._loading.get(key)
+        if loaded is None:
+            loaded = self._loading[key] = load_map(
+                mc.map_path, defaults=mc.defaults, direct=mc.direct
+            )
+        return loaded
 
     def _register(
         self, mc: MountConfig, loaded: SunMap | ProgramMap | LdapMap | OSError | None = None
