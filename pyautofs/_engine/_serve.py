@@ -115,14 +115,16 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
                 printable(e.map_path),
             )
             continue
+        seen = {mc.mount_point for mc in out}
         for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
-            if any(mc.mount_point == key for mc in out):
+            if key in seen:
                 log.warning(
                     "%s: %s is in two maps; the first one serves it",
                     printable(master),
                     printable(key),
                 )
                 continue
+            seen.add(key)
             out.append(MountConfig(key, e.map_path, True, timeout, e.options, e.strictexpire))
     return out
 
@@ -760,8 +762,9 @@ class MapServer:
 
     async def adopt_offsets(self) -> None:
         """Adopt the offset triggers a dead server left under the served mounts."""
+        served = set(self.automounter.mount_points)
         for info in read_mountinfo():
-            if info.fstype != "autofs" or info.mount_point in self.automounter.mount_points:
+            if info.fstype != "autofs" or info.mount_point in served:
                 continue
             if "offset" not in info.super_options:
                 continue
