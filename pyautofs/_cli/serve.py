@@ -206,10 +206,9 @@ def _served_by(
     top = table.get(mount_point)
     if top is None or top.catatonic or top.pipe_ino is None:
         return None
-    found = [top]
     readers = [
         h
-        for h in find_pipe_holders(found[-1].pipe_ino)
+        for h in find_pipe_holders(top.pipe_ino)
         if h.end in ("read", "both") and h.pid != os.getpid()
     ]
     if not readers:
