@@ -53,6 +53,7 @@ def directory_entries(exports: str) -> str:
                 "/": f"-fstype=bind :{exports}/&",
                 "star*": f":{exports}/alpha",
                 "sp ace": f":{exports}/beta",
+                "home": ":/home/$USER",
             },
         )
         + automount_map_ldif("auto.star", {"*": f":{exports}/&", "gamma": f":{exports}/alpha"})
@@ -162,6 +163,9 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         assert source(await pool.lookup(m, "other", {})) == "/srv/exports/other"  # "/" key
         assert source(await pool.lookup(m, "star*", {})) == "/srv/exports/alpha"
         assert source(await pool.lookup(m, "sp ace", {})) == "/srv/exports/beta"
+        # $VARS are expanded in the directory's text, never in the key.
+        assert source(await pool.lookup(m, "home", {"USER": "alice"})) == "/home/alice"
+        assert source(await pool.lookup(m, "$USER", {"USER": "alice"})) == "/srv/exports/$USER"
         # An injected filter finds nothing more than the wildcard gives any unknown key.
         e = await pool.lookup(m, "*)(objectClass=*", {})
         assert source(e) == "/srv/exports/*)(objectClass=*"
@@ -391,9 +395,23 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(tmp_path: Path, export
         assert lookup(tmp_path / "mnt" / "*)(objectClass=*") == (0, "*)(objectClass=*")
         assert lookup(tmp_path / "star" / "delta") == (0, "delta")  # the "*" wildcard
         assert lookup(tmp_path / "nis" / "*)(cn=*")[0] == 2
+        assert serve.stop() == 0
+        # An LDAP map named on the command line, as a map file would be.
+        serve = Serve(tmp_path, conf, str(tmp_path / "cli"), f"ldap:{TEST_DN}")
+        assert lookup(tmp_path / "cli" / "beta") == (0, "beta")
     finally:
         assert serve.stop() == 0
         server.remove()
+
+
+def test_slapd_fixture_leaves_nothing() -> None:
+    if SLAPD is None:
+        pytest.skip("needs OpenLDAP's slapd (package slapd)")
+    server = Slapd("", tls=True)
+    assert server.proc is not None and server.proc.poll() is None
+    server.remove()
+    assert server.proc.poll() is not None
+    assert not server.dir.exists()
 
 
 @pytest.mark.kernel
