@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,6 +254,55 @@ async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
             nursery.cancel_scope.cancel()
         assert max(gaps) < 0.5, max(gaps)
     finally:
+        pool.close()
+
+
+async def test_a_flood_of_lookups_on_a_hung_server_never_blocks_a_write(
+    new_slapd: Callable[..., Slapd],
+) -> None:
+    """1,000 distinct keys while slapd is stopped: each search is a write on the connection,
+    which nobody reads. Unbounded, the writes fill the socket's buffer and the next one
+    blocks the whole loop; bounded (MAX_IN_FLIGHT), lookups wait for a slot and fail at
+    their deadline while the loop runs on."""
+    server = new_slapd(directory_entries("/srv/exports"))
+    pool = LdapPool()
+    m = ldapi_map(server, timeout=1.0, network_timeout=1.0)
+    assert source(await pool.lookup(m, "alpha", {})) == "/srv/exports/alpha"
+    # If the loop blocks anyway, this thread lets slapd go on after 15 s, so the test
+    # ends (and fails on the gap) instead of hanging.
+    watchdog = threading.Timer(15, server.resume)
+    failures = 0
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = trio.current_time()
+        while True:
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    async def one(i: int) -> None:
+        nonlocal failures
+        try:
+            await pool.lookup(m, f"flood{i}-" + "x" * 100, {})
+        except LdapError:
+            failures += 1
+
+    try:
+        server.pause()
+        watchdog.start()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(ticker)
+            async with trio.open_nursery() as nursery:
+                for i in range(1000):
+                    nursery.start_soon(one, i)
+            outer.cancel_scope.cancel()
+        assert failures == 1000
+        assert max(gaps) < 1.0, max(gaps)
+    finally:
+        watchdog.cancel()
+        server.resume()
         pool.close()
 
 

@@ -28,6 +28,13 @@ __all__ = ["LdapPool", "LdapLookups"]
 
 log = logging.getLogger("pyautofs")
 
+MAX_IN_FLIGHT = 64
+"""Searches one connection carries at once. Each is a small write on a blocking socket,
+which a hung server does not read (a Unix socket counts ~1 KiB of buffer per write): with
+this bound, and the connection dropped when a search outlives its deadline, the unread
+requests stay far below the socket's buffer and a write never blocks the engine. Lookups
+beyond it wait for a slot, under their deadline."""
+
 RETRY_AFTER = 1.0
 """Seconds after every server failed to connect during which lookups fail without a try."""
 
@@ -59,6 +66,7 @@ class LdapLookups:
         self._limiter = trio.CapacityLimiter(1)
         self._waiting: dict[int, _Waiter] = {}
         self._reading = False
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._down_until = -math.inf
         self._down_error: LdapError | None = None
 
@@ -161,28 +169,39 @@ class LdapLookups:
         lookup then tries once more on a new connection.
         """
         with trio.fail_after(self.settings.timeout + 1):
-            for attempt in range(2):
-                kept = self._conn is not None
-                conn = await self._connection()
-                waiter = _Waiter()
+            async with self._slots:
+                return await self._search(amap, key)
+
+    async def _search(self, amap: LdapMap, key: str) -> list[Any]:
+        for attempt in range(2):
+            kept = self._conn is not None
+            conn = await self._connection()
+            waiter = _Waiter()
+            try:
+                msgid = conn.search(amap, key)
+            except LdapError as exc:
+                self._lost(conn, exc)
+                waiter.finish(exc)
+            else:
+                self._waiting[msgid] = waiter
                 try:
-                    msgid = conn.search(amap, key)
-                except LdapError as exc:
-                    self._lost(conn, exc)
-                    waiter.finish(exc)
-                else:
-                    self._waiting[msgid] = waiter
-                    try:
-                        await self._answer(conn, waiter)
-                    finally:
-                        if self._waiting.pop(msgid, None) is not None and self._conn is conn:
-                            conn.abandon(msgid)
-                result = waiter.result
-                if isinstance(result, LdapError):
-                    if kept and attempt == 0 and self._conn is not conn:
-                        continue  # the kept connection was gone: once more, afresh
-                    raise result
-                return list(result)
+                    await self._answer(conn, waiter)
+                finally:
+                    if self._waiting.pop(msgid, None) is not None:
+                        # Cancelled (its deadline): the server did not answer in time. An
+                        # abandon would be one more unread write; drop the connection.
+                        self._lost(
+                            conn,
+                            LdapError(
+                                errno.EHOSTDOWN, f"LDAP server {conn.uri}: no answer in time"
+                            ),
+                        )
+            result = waiter.result
+            if isinstance(result, LdapError):
+                if kept and attempt == 0 and self._conn is not conn:
+                    continue  # the kept connection was gone: once more, afresh
+                raise result
+            return list(result)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

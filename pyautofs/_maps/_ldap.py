@@ -399,6 +399,7 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
     failures = []
     for uri in uris:
         handle = ldap.initialize(uri)
+        handle.timeout = settings.timeout  # python-ldap's own deadline for StartTLS, bind
         try:
             handle.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
             handle.set_option(ldap.OPT_REFERRALS, 0)
