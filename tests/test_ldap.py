@@ -234,6 +234,15 @@ async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
             with pytest.raises(LdapError, match="no answer in time"):
                 await pool.lookup(m, "beta", {})
             assert trio.current_time() - t0 < 5
+            # A new connection to the hung server: its SASL EXTERNAL bind waits in a worker
+            # thread, never holding the process (python-ldap's sasl_interactive_bind_s
+            # holds the GIL throughout: the loop stood still for the whole timeout).
+            fresh = LdapPool()
+            try:
+                with pytest.raises(LdapError):
+                    await fresh.lookup(m, "beta", {})
+            finally:
+                fresh.close()
             server.resume()
             assert source(await pool.lookup(m, "beta", {})) == "/srv/exports/beta"
             server.stop()  # gone: the lookup fails at once, with the reason
