@@ -95,5 +95,10 @@ def test_every_example_parses(name: str) -> None:
 def test_top_level_examples_parse() -> None:
     parser = build_parser()
     for command in examples(help_text()):
+        if command == "pyautofs --version":
+            with pytest.raises(SystemExit) as exited:
+                parser.parse_args(["--version"])
+            assert exited.value.code == 0
+            continue
         args = parser.parse_args(shlex.split(command)[1:])
         assert callable(args.func), command

@@ -38,9 +38,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--pid",
         default="self",
+        type=_pid,
         help="look through this process's mount namespace (default: this one's)",
     )
     p.set_defaults(func=main)
+
+
+def _pid(text: str) -> str:
+    if text == "self" or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'self' or a process id, not {text!r}")
 
 
 def report_to_json(r: AutofsMountReport) -> dict[str, Any]:

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from .. import __version__
 from ._errors import describe, os_errors
 
 # Subcommand modules, in the order ``--help`` lists them.
@@ -31,18 +33,32 @@ examples:
   pyautofs criu-hook --pid 1234 pause            pause expiry of a serve before a checkpoint
   pyautofs bench list                            the benchmarks there are
   pyautofs version                               versions of pyautofs and the kernel interface
+  pyautofs --version                             the pyautofs version only
 
 'pyautofs COMMAND --help' shows a command's options and more examples.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: what is wrong, and where to look.
+
+    Subcommand parsers are of this class too (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser of the ``pyautofs`` command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pyautofs",
         description=_DESCRIPTION,
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pyautofs {__version__}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:

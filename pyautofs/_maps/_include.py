@@ -26,6 +26,7 @@ from ._types import MapWarning
 
 __all__ = [
     "MAX_INCLUDE_DEPTH",
+    "MAX_INCLUDES",
     "Included",
     "IncludeSkipped",
     "ReadInclude",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 MAX_INCLUDE_DEPTH = 16
+MAX_INCLUDES = 256
+"""Maps one parse may include in all: files that include each other in every order would
+otherwise be read a factorial number of times within the depth limit."""
 
 
 @attrs.frozen
@@ -65,11 +69,21 @@ def includes(
     stack: tuple[str, ...],
     read_include: ReadInclude | None,
     warnings: list[MapWarning],
+    budget: list[int],
 ) -> Iterator[Included]:
-    """The included maps to parse for a ``+name`` line; what is refused becomes a warning."""
+    """The included maps to parse for a ``+name`` line; what is refused becomes a warning.
+
+    ``budget`` is a one-item list: the includes this parse may still read.
+    """
     if read_include is None:
         warnings.append(MapWarning(path, number, f"include {name!r}: includes are not read here"))
         return
+    if budget[0] <= 0:
+        warnings.append(
+            MapWarning(path, number, f"more than {MAX_INCLUDES} includes: {name!r} skipped")
+        )
+        return
+    budget[0] -= 1
     try:
         found = read_include(name, path)
     except IncludeSkipped as exc:

@@ -15,7 +15,7 @@ import posixpath
 
 import attrs
 
-from ._include import ReadInclude, includes
+from ._include import MAX_INCLUDES, ReadInclude, includes
 from ._sun import logical_lines, split_words
 from ._types import MapWarning
 
@@ -67,7 +67,15 @@ def parse_master(
     """Parse master-map text (and what it includes); bad lines become warnings."""
     entries: list[MasterEntry] = []
     warnings: list[MapWarning] = []
-    _parse(text, path, stack=(path,), read_include=read_include, entries=entries, warnings=warnings)
+    _parse(
+        text,
+        path,
+        stack=(path,),
+        read_include=read_include,
+        entries=entries,
+        warnings=warnings,
+        budget=[MAX_INCLUDES],
+    )
     for w in warnings:
         log.log(logging.INFO if w.note else logging.WARNING, "%s", w)
     return entries, warnings
@@ -81,6 +89,7 @@ def _parse(
     read_include: ReadInclude | None,
     entries: list[MasterEntry],
     warnings: list[MapWarning],
+    budget: list[int],
 ) -> None:
     for number, line in logical_lines(text):
         try:
@@ -98,6 +107,7 @@ def _parse(
                 stack=stack,
                 read_include=read_include,
                 warnings=warnings,
+                budget=budget,
             ):
                 _parse(
                     inc.text,
@@ -106,6 +116,7 @@ def _parse(
                     read_include=read_include,
                     entries=entries,
                     warnings=warnings,
+                    budget=budget,
                 )
             continue
         if len(words) < 2:

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Sequence
 
 from ._include import Included, IncludeSkipped
+from ._ldap import LdapMap, is_ldap_name, load_ldap_settings, parse_ldap_map_name, read_master_map
 from ._master import MasterEntry, map_source_kind, parse_master
 from ._program import ProgramMap
 from ._sun import SunMap, parse_sun_map
@@ -134,17 +135,29 @@ def parse_sun_map_file(path: str, *, defaults: Sequence[str] = (), direct: bool 
 
 def load_map(
     path: str, *, defaults: Sequence[str] = (), direct: bool = False
-) -> SunMap | ProgramMap:
-    """A file map, or a program map if the file is executable."""
+) -> SunMap | ProgramMap | LdapMap:
+    """A file map, a program map if the file is executable, or an ``ldap:`` map.
+
+    An LDAP map is not read here (each lookup asks the directory); its name and the
+    settings are checked, and a bad one raises OSError (EINVAL) with the reason.
+    """
+    if is_ldap_name(path):
+        try:
+            return parse_ldap_map_name(path, load_ldap_settings(), defaults=defaults, direct=direct)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc), path) from None
     st = os.stat(path)
     if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
         return ProgramMap(path, tuple(defaults), direct=direct)
     return parse_sun_map_file(path, defaults=defaults, direct=direct)
 
 
-def reload_map(amap: SunMap | ProgramMap) -> SunMap | ProgramMap:
-    """``amap`` re-read if it or a file it includes changed; else ``amap`` itself."""
-    if isinstance(amap, ProgramMap):
+def reload_map(amap: SunMap | ProgramMap | LdapMap) -> SunMap | ProgramMap | LdapMap:
+    """``amap`` re-read if it or a file it includes changed; else ``amap`` itself.
+
+    Program and LDAP maps are asked afresh at each lookup: nothing to re-read.
+    """
+    if not isinstance(amap, SunMap):
         return amap
     try:
         if all(os.stat(p).st_mtime == t for p, t in amap.sources.items()):
@@ -157,8 +170,14 @@ def reload_map(amap: SunMap | ProgramMap) -> SunMap | ProgramMap:
 def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
     """Parse an auto.master file (and what it includes); relative map names are found.
 
-    A relative name is looked up next to the master map, then in /etc.
+    A relative name is looked up next to the master map, then in /etc. An ``ldap:`` name
+    reads the master map from the directory (blocking, bounded by the LDAP timeouts).
     """
+    if is_ldap_name(path):
+        try:
+            return read_master_map(path)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc), path) from None
     reader = FileIncludes(master=True)
     top = reader.read(path)
     entries, warnings = parse_master(top.text, top.name, read_include=reader)

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import attrs
 
 from .._proto._escape import printable
-from ._include import ReadInclude, includes
+from ._include import MAX_INCLUDES, ReadInclude, includes
 from ._types import EscapeError, MapEntry, MapWarning, MountSpec, OffsetMount, valid_key
 
 __all__ = [
@@ -107,7 +107,9 @@ def split_words(line: str) -> list[str]:
         if word is None:
             if m.group(3) is None:
                 break
-            raise ValueError("an unterminated quote or a lone backslash")
+            if m.group(3) == '"':
+                raise ValueError("an unterminated quote")
+            raise ValueError("a lone backslash")
         if '"' in word or "\\" in word:
             word = _UNQUOTE.sub(_unquote, word)
         words.append(word)
@@ -343,6 +345,7 @@ def parse_sun_map(
         direct=direct,
         entries=entries,
         warnings=warnings,
+        budget=[MAX_INCLUDES],
     )
     compiled: dict[str, CompiledEntry] = {}
     for key, words in entries.items():
@@ -362,6 +365,7 @@ def _parse_sun(
     direct: bool,
     entries: dict[str, list[str]],
     warnings: list[MapWarning],
+    budget: list[int],
 ) -> None:
     for number, line in logical_lines(text):
         try:
@@ -374,7 +378,13 @@ def _parse_sun(
         key, body = words[0], words[1:]
         if key.startswith("+"):
             for inc in includes(
-                key[1:], path, number, stack=stack, read_include=read_include, warnings=warnings
+                key[1:],
+                path,
+                number,
+                stack=stack,
+                read_include=read_include,
+                warnings=warnings,
+                budget=budget,
             ):
                 _parse_sun(
                     inc.text,
@@ -384,6 +394,7 @@ def _parse_sun(
                     direct=direct,
                     entries=entries,
                     warnings=warnings,
+                    budget=budget,
                 )
             continue
         if key != "*" and not valid_key(key, direct=direct):
