@@ -21,8 +21,9 @@ process group.
 (each call reads mountinfo and scans /proc again: quadratic; up to N = 1,000).
 
 Each series gets a least-squares line ``total = fixed + per_mount * N`` over its N (the
-``fit`` rows: ``per_item_us`` is the slope, ``total_ms`` the intercept, ``r2`` how straight
-it is); ``vs_fit`` on each row is its per-mount time over the slope, 1.0 when linear.
+``fit over`` rows, whose ``n`` is the largest N: ``per_item_us`` is the slope, ``total_ms``
+the intercept, ``r2`` how straight it is); ``vs_fit`` on each row is its per-mount time
+over the slope, 1.0 when linear.
 
 **Pipes.** ``restore_pipe`` of a pipe image holding 0 B, 64 KiB and 1 MiB, against doing it
 by hand (``pipe2`` + ``F_SETPIPE_SZ`` + ``write``), and a 16-packet autofs request pipe.
@@ -232,8 +233,8 @@ def _series(
             row["vs_fit"] = per / (b * 1e6) if b > 0 else None
         rows.append(
             {
-                "variant": f"{variant}: fit",
-                "n": f"{points[0][0]}..{points[-1][0]}",
+                "variant": f"{variant}: fit over N = {points[0][0]}..{points[-1][0]}",
+                "n": points[-1][0],
                 "total_ms": a * 1e3,
                 "per_item_us": b * 1e6,
                 "r2": r2,
@@ -432,7 +433,7 @@ def plot(rows: list[dict[str, object]], path: str) -> None:
     bars: list[tuple[str, float]] = []
     for row in rows:
         variant, n, per = str(row.get("variant")), row.get("n"), row.get("per_item_us")
-        if not isinstance(per, (int, float)) or variant.endswith(": fit"):
+        if not isinstance(per, (int, float)) or ": fit over" in variant:
             continue
         if variant.startswith(("into ", "dump")) and isinstance(n, int):
             series.setdefault(variant, []).append((n, float(per)))

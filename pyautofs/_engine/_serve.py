@@ -47,6 +47,7 @@ from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
+from ._control import ControlServer, control_socket_path
 from ._helpers import bind_mount, mount_tmpfs, run_mount
 from ._ldap import LdapPool
 from ._notify import Notifier
@@ -1009,6 +1010,7 @@ async def serve(
 
                 nursery.start_soon(serving.handle_signals, sigs, nursery)
                 await nursery.start(engine)
+                await _start_control(nursery, am, config.lock_dir)
                 await server.adopt_offsets()
                 log.info("serving %d autofs mount(s); pid %d", len(server.mounts), os.getpid())
                 notifier.ready(_status(server))
@@ -1019,6 +1021,14 @@ async def serve(
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     return 0
+
+
+async def _start_control(nursery: trio.Nursery, am: Automounter, lock_dir: str) -> None:
+    """The control socket (pause/resume expiry for a checkpoint); serving goes on without."""
+    try:
+        await nursery.start(ControlServer(am, control_socket_path(lock_dir)).run)
+    except OSError as exc:
+        log.warning("no control socket (criu-hook cannot pause expiry): %s", exc)
 
 
 def run_serve(config: ServeConfig, argv: Sequence[str], *, notifier: Notifier | None = None) -> int:
