@@ -85,8 +85,11 @@ def test_restore_quick(tmp_path: Path) -> None:
     table, rows = bench("restore", tmp_path)
     for column in ("total_ms", "per_item_us", "vs_fit", "r2", "vs_by_hand", "vs_dup2_loop"):
         assert column in table
-    ways = ("into a worker, write end kept", "into a worker, write end closed")
-    ways += ("into an Automounter",)
+    ways = (
+        "into a worker, write end kept",
+        "into a worker, write end closed",
+        "into an Automounter",
+    )
     mounts = [r for r in rows if r["variant"] in ways]
     assert {(r["variant"], r["n"]) for r in mounts} == {(w, n) for w in ways for n in (1, 10, 100)}
     for row in mounts:
