@@ -80,6 +80,9 @@ class ServeConfig:
     negative_timeout: float = 10.0
     request_timeout: float = 60.0
     lock_dir: str = "/run/pyautofs"
+    restored: Mapping[str, int] = attrs.field(factory=dict)
+    """Mount point -> read end of its restored pipe (``serve --restore``): those mounts
+    are served through that pipe as it is (``Automounter.add_mount(pipe_fd=...)``)."""
 
 
 def config_for_map(mount_point: str, map_path: str, timeout: int = 600) -> list[MountConfig]:
@@ -430,6 +433,7 @@ class MapServer:
             unregistered_handler=self._handler_for_unregistered,
         )
         self.maps: dict[str, SunMap | ProgramMap | LdapMap] = {}
+        self._restored = dict(config.restored)  # each restored pipe is served once
         self._ldap = LdapPool()
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
@@ -440,6 +444,10 @@ class MapServer:
         """Directories made for mount points' parents, removed again at exit (if empty)."""
         for mc in config.mounts:
             self._register(mc)
+        for path, fd in self._restored.items():  # its map could not be read: not served
+            log.warning("%s: restored mount not served; its pipe is closed", printable(path))
+            os.close(fd)
+        self._restored.clear()
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
@@ -468,6 +476,7 @@ class MapServer:
             mode="direct" if mc.direct else "indirect",
             timeout=mc.timeout,
             strictexpire=mc.strictexpire,
+            pipe_fd=self._restored.pop(mc.mount_point, None),
         )
 
     def _make_parents(self, mount_point: str) -> None:
