@@ -333,6 +333,11 @@ def main(args: argparse.Namespace) -> int:
             return 1
         config = attrs.evolve(config, restored=restored)
     argv = _successor_argv(sys.argv[1:])
+    if HANDOVER_ENV not in os.environ and os.getpgrp() != os.getpid():
+        # Lead a process group of our own: lookups from our old group (a script that
+        # started us) would not trigger, and CRIU dumps only a process-group leader.
+        # (A SIGUSR2 successor stays in its predecessor's group: that is how it answers.)
+        os.setpgid(0, 0)
     # An OSError the engine raises (say, the kernel refusing the mount) becomes one line
     # with its path in main.py.
     return run_serve(config, argv, notifier=Notifier.from_environment(ready_fd=args.ready_fd))
