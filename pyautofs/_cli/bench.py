@@ -327,7 +327,12 @@ def main(args: argparse.Namespace) -> int:
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
         if args.plot:
             try:
-                _plot(name, rows, args.plot)
+                # A benchmark may draw its own figure (plot(rows, path)); else a bar chart.
+                plotter = getattr(module, "plot", None)
+                if callable(plotter):
+                    plotter(rows, args.plot)
+                else:
+                    _plot(name, rows, args.plot)
             except ImportError:
                 print(
                     "pyautofs bench: --plot needs matplotlib: pip install 'pyautofs[plot]'",
