@@ -39,7 +39,7 @@ from .._sys._mount import AutofsMode
 from ._expire import Expiry
 from ._handover import HANDOVER_ENV
 from ._lock import EngineLock
-from ._reader import _RateLimit
+from ._reader import RequestLog
 from ._requests import AutomounterStatistics
 from ._served import ExpireHandler, MountHandler, RequestPipe, ServedMount
 from ._setup import MountPointBusyError, close_pipes, shared_pipe, start_mounts, teardown
@@ -159,7 +159,7 @@ class Automounter:
         self._lock = EngineLock(lock_dir)
         self._lock_dirty = False
         self._expiry = Expiry(self)
-        self._fail_log = _RateLimit(20)
+        self._request_log = RequestLog()
         # counters
         self._requests = self._ready = self._failed = self._negative_hits = 0
         self._expired = self._expire_refused = 0
@@ -270,6 +270,7 @@ class Automounter:
                 self._nursery = nursery
                 try:
                     nursery.start_soon(self._expiry.loop)
+                    nursery.start_soon(self._request_log.flusher)
                     if handover_fd is None and HANDOVER_ENV in os.environ:
                         handover_fd = int(os.environ.pop(HANDOVER_ENV))
                     if handover_fd is not None:

@@ -32,12 +32,12 @@ __all__ = ["Expiry"]
 log = logging.getLogger("pyautofs")
 
 
-def _run_pass(ctl: AutofsControl, m: ServedMount, how: ExpireFlags) -> int:
-    """Blocking: expire keys of ``m`` until the kernel finds none eligible."""
+def _run_pass(ctl: AutofsControl, m: ServedMount, how: ExpireFlags, expiry: Expiry) -> int:
+    """Blocking: expire keys of ``m`` until the kernel finds none eligible, or a pause."""
     fd, opened = m.open_ioctlfd(ctl)
     try:
         count = 0
-        while ctl.expire(fd, how):
+        while not expiry._paused and ctl.expire(fd, how):
             count += 1
         return count
     finally:
@@ -121,7 +121,7 @@ class Expiry:
         if self._quiet.is_set():
             self._quiet = trio.Event()
         try:
-            return await trio.to_thread.run_sync(_run_pass, ctl, m, how)
+            return await trio.to_thread.run_sync(_run_pass, ctl, m, how, self)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -73,28 +73,91 @@ def _resume(coro: Coroutine[Any, Any, object], yielded: object) -> Generator[Any
                 return stop.value
 
 
-class _RateLimit:
-    """At most ``per_second`` log lines a second; counts what it holds back."""
+class RequestLog:
+    """The INFO line of each mount, unmount and failure, written so it costs the hot path little.
 
-    __slots__ = ("count", "held", "per_second", "window")
+    Lines are written at once while requests are sparse. In a burst (the previous line is
+    less than ``quiet`` seconds old) they are queued and written by :meth:`flusher` once the
+    engine has been quiet for ``quiet`` seconds, or as soon as ``batch`` are queued; each
+    line carries its own latency, so nothing is lost by writing it late. Failure lines are
+    rate-limited (``failures_per_second``; a count of the ones held back follows). The
+    requester's command name is read from /proc only when INFO is enabled, and cached for
+    a second per process.
+    """
 
-    def __init__(self, per_second: int) -> None:
-        self.per_second = per_second
-        self.window = 0
-        self.count = 0
-        self.held = 0
+    def __init__(self, *, quiet: float = 0.002, batch: int = 256, failures_per_second: int = 20):
+        self.quiet = quiet
+        self.batch = batch
+        self.per_second = failures_per_second
+        self._queue: list[tuple[str, str, str, int, str, float]] = []
+        self._last = 0.0
+        self._window = 0
+        self._count = 0
+        self._held = 0
+        self._comm: dict[int, str] = {}
+        self._comm_window = 0
+        self.wake = trio.Event()
 
-    def allow(self, now: float) -> bool:
+    def _comm_of(self, pid: int, now: float) -> str:
         second = int(now)
-        if second != self.window:
-            if self.held:
-                log.info("%d more failed lookup(s) not logged in the last second", self.held)
-            self.window, self.count, self.held = second, 0, 0
-        if self.count < self.per_second:
-            self.count += 1
-            return True
-        self.held += 1
-        return False
+        if second != self._comm_window:
+            self._comm_window = second
+            self._comm.clear()
+        name = self._comm.get(pid)
+        if name is None:
+            name = self._comm[pid] = comm(pid)
+        return name
+
+    def add(  # noqa: PLR0917
+        self, what: str, path: str, key: str, pid: int, latency_us: float, now: float
+    ) -> None:
+        """Log one outcome (call only when INFO is enabled)."""
+        if what not in {"mounted", "unmounted"}:
+            second = int(now)
+            if second != self._window:
+                if self._held:
+                    log.info("%d more failed lookup(s) not logged in the last second", self._held)
+                self._window, self._count, self._held = second, 0, 0
+            if self._count >= self.per_second:
+                self._held += 1
+                return
+            self._count += 1
+        line = (what, path, printable(key), pid, self._comm_of(pid, now) if pid else "", latency_us)
+        burst = now - self._last < self.quiet
+        self._last = now
+        if not burst and not self._queue:
+            self._emit(line)
+            return
+        self._queue.append(line)
+        if len(self._queue) >= self.batch:
+            self.flush()
+        elif not self.wake.is_set():
+            self.wake.set()
+
+    @staticmethod
+    def _emit(line: tuple[str, str, str, int, str, float]) -> None:
+        what, path, key, pid, cmd, latency = line
+        if pid:
+            log.info("%s %s key='%s' pid=%d cmd=%s %.0fus", what, path, key, pid, cmd, latency)
+        else:
+            log.info("%s %s key='%s'", what, path, key)
+
+    def flush(self) -> None:
+        queue, self._queue = self._queue, []
+        for line in queue:
+            self._emit(line)
+
+    async def flusher(self) -> None:
+        """Write queued lines once the engine has been quiet for a while (run as a task)."""
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                while self._queue and time.perf_counter() - self._last < self.quiet:
+                    await trio.sleep(self.quiet)
+                self.flush()
+        finally:
+            self.flush()
 
 
 def comm(pid: int) -> str:
@@ -371,16 +434,14 @@ def finish_missing(  # noqa: PLR0917
     else:
         eng._failed += 1
     eng._latencies.append((now - t0) * 1e6)
-    if req is not None and log.isEnabledFor(_INFO) and (status == 0 or eng._fail_log.allow(now)):
-        rq = req.requester
-        log.info(
-            "%s %s key='%s' pid=%d cmd=%s %.0fus",
+    if req is not None and log.isEnabledFor(_INFO):
+        eng._request_log.add(
             "mounted" if status == 0 else f"failed ({errno.errorcode.get(-status, -status)})",
             m.path,
-            printable(key),
-            rq.tgid,
-            comm(rq.tgid),
+            key,
+            req.requester.tgid,
             (now - t0) * 1e6,
+            now,
         )
 
 
@@ -437,11 +498,13 @@ def finish_expire(
     finally:
         tok.answer(status)
     if log.isEnabledFor(_INFO):
-        log.info(
-            "%s %s key='%s'",
+        eng._request_log.add(
             "unmounted" if status == 0 else f"kept ({errno.errorcode.get(-status, -status)})",
             m.path,
-            printable(req.key),
+            req.key,
+            0,
+            0.0,
+            time.perf_counter(),
         )
 
 

@@ -47,6 +47,7 @@ from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
+from ._control import ControlServer, control_socket_path
 from ._helpers import bind_mount, mount_tmpfs, run_mount
 from ._ldap import LdapPool
 from ._notify import Notifier
@@ -79,6 +80,9 @@ class ServeConfig:
     negative_timeout: float = 10.0
     request_timeout: float = 60.0
     lock_dir: str = "/run/pyautofs"
+    restored: Mapping[str, int] = attrs.field(factory=dict)
+    """Mount point -> read end of its restored pipe (``serve --restore``): those mounts
+    are served through that pipe as it is (``Automounter.add_mount(pipe_fd=...)``)."""
 
 
 def config_for_map(mount_point: str, map_path: str, timeout: int = 600) -> list[MountConfig]:
@@ -186,6 +190,7 @@ FAILURE_LOG_RATE = 10.0
 FAILURE_LOG_BURST = 50
 
 _T = TypeVar("_T")
+_NO_SUCH_KEY = "no such key in the map"
 
 
 class ProgramMapError(OSError):
@@ -428,6 +433,7 @@ class MapServer:
             unregistered_handler=self._handler_for_unregistered,
         )
         self.maps: dict[str, SunMap | ProgramMap | LdapMap] = {}
+        self._restored = dict(config.restored)  # each restored pipe is served once
         self._ldap = LdapPool()
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
@@ -438,6 +444,10 @@ class MapServer:
         """Directories made for mount points' parents, removed again at exit (if empty)."""
         for mc in config.mounts:
             self._register(mc)
+        for path, fd in self._restored.items():  # its map could not be read: not served
+            log.warning("%s: restored mount not served; its pipe is closed", printable(path))
+            os.close(fd)
+        self._restored.clear()
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
         return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
@@ -466,6 +476,7 @@ class MapServer:
             mode="direct" if mc.direct else "indirect",
             timeout=mc.timeout,
             strictexpire=mc.strictexpire,
+            pipe_fd=self._restored.pop(mc.mount_point, None),
         )
 
     def _make_parents(self, mount_point: str) -> None:
@@ -525,84 +536,62 @@ class MapServer:
             log.info("%s wrote to stderr: %s", where, printable(run.stderr.strip(), 1024))
         return amap.parse_output(key, run.stdout, 0)
 
-    def _log_outcome(
-        self, request: MountRequest, t0: float, exc: BaseException | None, what: str = ""
-    ) -> None:
-        """One INFO line per mount or failure: key, requester pid and command, latency."""
-        ms = (time.perf_counter() - t0) * 1e3
-        r = request.requester
-        cmd = printable(" ".join(r.cmdline() or ("?",)), 120)
-        key = printable(request.key or request.path)
-        if exc is None:
-            log.info(
-                "mounted %s (%s) for pid %d (%s) in %.1f ms",
-                printable(request.path),
-                what,
-                r.tgid,
-                cmd,
-                ms,
-            )
+    def _log_why(self, request: MountRequest, exc: BaseException) -> None:
+        """Why a lookup failed, when there is more to say than "no such key".
+
+        The engine logs one line per mount, unmount and failure (key, requester, latency);
+        this adds the reason a map gave: a map program's exit status and stderr (WARNING),
+        a bind source that does not exist, mount(8)'s message. Rate-limited, like the
+        engine's lines: any local user can cause failures.
+        """
+        if not isinstance(exc, OSError) or exc.strerror == _NO_SUCH_KEY:
             return
         if not self._failure_log.allow():
             return
         suppressed = self._failure_log.take_suppressed()
-        more = f" ({suppressed} more failed lookups not logged)" if suppressed else ""
-        if isinstance(exc, trio.Cancelled):
-            reason = "cut short (request deadline or shutdown)"
-        elif isinstance(exc, OSError):
-            reason = printable(exc.strerror or str(exc), 1200)
-        else:
-            reason = printable(repr(exc))
         log.log(
             logging.WARNING if isinstance(exc, ProgramMapError) else logging.INFO,
-            "lookup of %s under %s for pid %d (%s) failed in %.1f ms: %s%s",
-            key,
+            "lookup of %s under %s for pid %d failed: %s%s",
+            printable(request.key or request.path),
             printable(request.mount_point),
-            r.tgid,
-            cmd,
-            ms,
-            reason,
-            more,
+            request.requester.tgid,
+            printable(exc.strerror or str(exc), 1200),
+            f" ({suppressed} more reasons not logged)" if suppressed else "",
         )
 
     def _key_of(self, mount_point: str, key: str) -> str:
         return mount_point if self.mounts[mount_point].direct else key
 
     async def _on_missing(self, request: MountRequest) -> None:
-        t0 = time.perf_counter()
         try:
-            what = await self._mount_entry(request)
+            await self._mount_entry(request)
         except BaseException as exc:
-            self._log_outcome(request, t0, exc)
+            self._log_why(request, exc)
             raise
-        self._log_outcome(request, t0, None, what)
 
-    async def _mount_entry(self, request: MountRequest) -> str:
-        """Mount what the map says for ``request``; returns what, for the log."""
+    async def _mount_entry(self, request: MountRequest) -> None:
+        """Mount what the map says for ``request``."""
         mp = request.mount_point
         entry = await self._lookup(mp, self._key_of(mp, request.key), request.requester)
         if entry is None:
-            raise OSError(errno.ENOENT, "no such key in the map")
+            raise OSError(errno.ENOENT, _NO_SUCH_KEY)
         root = entry.root
         if root is not None:
             await _mount_spec(root, request.path, self.foreign)
-        what = f"{root.fstype} {printable(root.source)}" if root is not None else "offsets only"
         if len(entry.mounts) == 1 and root is not None:
-            return what
+            return
         try:
             if root is not None:
                 # Triggers mounted inside a bind of a shared mount would propagate back
                 # into the source tree; keep them in this mount only.
                 mount(None, request.path, None, MountFlags.PRIVATE)
             self._entries[request.path] = entry
-            count = self._mount_triggers(request.path, entry, "/")
-            if not count:
+            if not self._mount_triggers(request.path, entry, "/"):
                 raise OSError(errno.ENOENT, "no offset of the entry could be set up")
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._unmount_tree(request.path)
             raise
-        return f"{what}, {count} offset trigger(s)"
 
     def _mount_triggers(self, key_path: str, entry: MapEntry, below: str) -> int:
         """Put an offset trigger on each offset directly below ``below``; how many went up."""
@@ -668,18 +657,12 @@ class MapServer:
 
     async def _on_expire(self, request: ExpireRequest) -> None:
         """The kernel found the key idle: unmount its offsets (deepest first), then it."""
-        t0 = time.perf_counter()
         try:
             await self._unmount_tree(request.path)
         except OSError as exc:
-            level = logging.DEBUG if exc.errno == errno.EBUSY else logging.WARNING
-            log.log(level, "%s not unmounted: %s", printable(request.path), exc.strerror)
+            if exc.errno != errno.EBUSY:  # busy is normal; the engine logs "kept (EBUSY)"
+                log.warning("%s not unmounted: %s", printable(request.path), exc.strerror)
             raise
-        log.info(
-            "unmounted %s (idle) in %.1f ms",
-            printable(request.path),
-            (time.perf_counter() - t0) * 1e3,
-        )
 
     async def _unmount_tree(self, key_path: str) -> None:
         """Unmount everything at and below ``key_path`` that serving it put there.
@@ -1036,6 +1019,7 @@ async def serve(
 
                 nursery.start_soon(serving.handle_signals, sigs, nursery)
                 await nursery.start(engine)
+                await _start_control(nursery, am, config.lock_dir)
                 await server.adopt_offsets()
                 log.info("serving %d autofs mount(s); pid %d", len(server.mounts), os.getpid())
                 notifier.ready(_status(server))
@@ -1046,6 +1030,14 @@ async def serve(
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     return 0
+
+
+async def _start_control(nursery: trio.Nursery, am: Automounter, lock_dir: str) -> None:
+    """The control socket (pause/resume expiry for a checkpoint); serving goes on without."""
+    try:
+        await nursery.start(ControlServer(am, control_socket_path(lock_dir)).run)
+    except OSError as exc:
+        log.warning("no control socket (criu-hook cannot pause expiry): %s", exc)
 
 
 def run_serve(config: ServeConfig, argv: Sequence[str], *, notifier: Notifier | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,14 +77,13 @@ async def hand_over(
         pipe_info.append({"shared": p.shared})
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     channel = FdChannel(parent)
-    proc: trio.Process | None = None
+    proc: subprocess.Popen[bytes] | None = None
     try:
         child_env = dict(os.environ if env is None else env)
         child_env[HANDOVER_ENV] = str(child.fileno())
         try:
-            proc = await trio.lowlevel.open_process(
-                list(argv), pass_fds=(child.fileno(),), env=child_env
-            )
+            # A plain child: it stays in our process group, which lets it answer the kernel.
+            proc = subprocess.Popen(list(argv), pass_fds=(child.fileno(),), env=child_env)
         finally:
             child.close()
         states = [mount_state(m, index[id(m.pipe)] if m.pipe is not None else -1) for m in mounts]
@@ -100,7 +100,7 @@ async def hand_over(
         if proc is not None:
             with trio.CancelScope(shield=True):
                 proc.kill()
-                await proc.wait()
+                await trio.to_thread.run_sync(proc.wait)
         await channel.aclose()
         return None
     # The successor reads the pipes now. Stop reading, finish what we read, hand over.
