@@ -11,6 +11,7 @@ cannot carry them in one call.
 from __future__ import annotations
 
 import array
+import importlib.util
 import os
 import shutil
 import socket
@@ -136,7 +137,7 @@ def _measure_c(binary: str, batch: int, messages: int) -> float:
     return batch * messages / float(out.stdout.strip())
 
 
-def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]:
+def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
     """Measure every variant at every batch size; return result rows."""
     workdir = tempfile.mkdtemp(prefix="pyautofs-bench-fdpass-")  # 0700, new every run
     try:
@@ -152,12 +153,22 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
 
 
 def _run(
-    quick: bool, progress: Callable[[str], None], c_binary: str | None, c_missing: str
+    quick: bool, progress: Callable[..., None], c_binary: str | None, c_missing: str
 ) -> list[dict[str, object]]:
     repeats = 3 if quick else 7
     budget = 20_000 if quick else 200_000  # fds per measurement
     rows: list[dict[str, object]] = []
     variants = ["c", "stdlib", "pyautofs", "raw-trio", "anyio-trio", "pyautofs-trio"]
+    anyio_missing = importlib.util.find_spec("anyio") is None
+    if anyio_missing:
+        variants.remove("anyio-trio")
+    steps = [
+        (batch, variant)
+        for batch in BATCHES
+        for variant in variants
+        if not (batch > 253 and variant not in ("pyautofs", "pyautofs-trio", "c"))
+        and not (variant == "c" and (c_binary is None or batch > 253))
+    ]
     for batch in BATCHES:
         messages = max(50, budget // batch)
         medians: dict[str, float] = {}
@@ -166,7 +177,7 @@ def _run(
                 continue
             if variant == "c" and (c_binary is None or batch > 253):
                 continue
-            progress(f"fdpass {variant} batch {batch}")
+            progress(f"{variant} batch {batch}", steps.index((batch, variant)), len(steps))
             samples = []
             for _ in range(repeats):
                 if variant == "c":
@@ -189,4 +200,6 @@ def _run(
             rows.append(row)
         if c_binary is None:
             rows.append({"variant": "c", "batch": batch, "missing": c_missing})
+        if anyio_missing and batch <= 253:
+            rows.append({"variant": "anyio-trio", "batch": batch, "missing": "anyio not installed"})
     return rows

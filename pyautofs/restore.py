@@ -46,3 +46,37 @@ from ._restore._workers import restore_to_workers as restore_to_workers
 from ._restore._workers import run_worker as run_worker
 from ._restore._workers import start_worker as start_worker
 from ._sys._mount import AutofsMode as AutofsMode
+
+__all__ = [
+    "AutofsImageError",
+    "AutofsMountImage",
+    "AutofsMountReport",
+    "AutofsOwner",
+    "BeneathMount",
+    "autofs_images_from_bytes",
+    "autofs_images_to_bytes",
+    "dump_autofs_mount",
+    "dump_autofs_mounts",
+    "list_autofs_mounts",
+    "read_autofs_images",
+    "write_autofs_images",
+    "Adopted",
+    "HandoverFailed",
+    "accept_handover",
+    "install_fds",
+    "PipeImage",
+    "PipeImageError",
+    "restore_pipe",
+    "snapshot_pipe",
+    "RestoredAutofsMount",
+    "restore_autofs_mount",
+    "MountJob",
+    "PipeJob",
+    "RestoreReport",
+    "WorkerFds",
+    "WorkerProcess",
+    "restore_to_workers",
+    "run_worker",
+    "start_worker",
+    "AutofsMode",
+]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_restore_workers import DEADLINE, mount_image, remove_mounts_under
+from test_serve import Server
 
 from pyautofs._restore._autofs import (
     AutofsImageError,
@@ -19,6 +20,7 @@ from pyautofs._restore._autofs import (
     write_autofs_images,
 )
 from pyautofs._restore._workers import MountJob, WorkerProcess, restore_to_workers, start_worker
+from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
 
 pytestmark = pytest.mark.kernel
 
@@ -88,3 +90,47 @@ def test_image_files_refuse_what_is_not_one(tmp_path: Path) -> None:
     write_autofs_images(tmp_path / "empty.img", [])
     assert read_autofs_images(tmp_path / "empty.img") == []
     assert sorted(os.listdir(tmp_path)) == ["empty.img", "fifo", "junk"]  # no temporary left
+
+
+def look(path: Path) -> None:
+    """Read ``path`` from another session (lookups from serve's group never trigger)."""
+    subprocess.run(
+        [sys.executable, "-c", "import sys; open(sys.argv[1]).read()", str(path)],
+        start_new_session=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+
+
+def test_serve_restores_a_dumped_mount_and_serves_it(tmp_path: Path) -> None:
+    (tmp_path / "exports" / "k").mkdir(parents=True)
+    (tmp_path / "exports" / "k" / "f").write_text("k")
+    amap = tmp_path / "auto.map"
+    amap.write_text(f"* -fstype=bind :{tmp_path}/exports/&\n")
+    auto, image = tmp_path / "auto", tmp_path / "auto.img"
+    first = Server(tmp_path, "--timeout", "77", str(auto), str(amap))
+    try:
+        look(auto / "k" / "f")
+        r = pyautofs("dump", str(auto), "-o", str(image))
+        assert r.returncode == 0, r.stderr
+        assert f"owner pid {first.proc.pid}" in r.stdout
+    finally:
+        assert first.stop() == 0
+    assert str(auto) not in {m.mount_point for m in autofs_mounts()}
+    # A mount point the map does not serve, and a missing image: one line each, nothing left.
+    other = tmp_path / "other"
+    r = pyautofs("serve", "--restore", str(image), str(other), str(amap))
+    assert r.returncode == 1 and "is in the image but not in the map" in r.stderr
+    r = pyautofs("serve", "--restore", str(tmp_path / "nope.img"), str(auto), str(amap))
+    assert r.returncode == 1 and "No such file" in r.stderr, r.stderr
+    assert str(auto) not in {m.mount_point for m in autofs_mounts()}
+    second = Server(tmp_path, "--restore", str(image), "--timeout", "77", str(auto), str(amap))
+    try:
+        assert "serving a restored indirect mount through its restored pipe" in second.log()
+        m = {m.mount_point: m for m in autofs_mounts()}[str(auto)]
+        assert (m.pgrp, m.timeout, m.catatonic) == (second.proc.pid, 77, False)
+        look(auto / "k" / "f")  # a new lookup, through the rebuilt pipe
+        assert "k" in {os.path.basename(i.mount_point) for i in read_mountinfo()}
+    finally:
+        assert second.stop() == 0
+    assert str(auto) not in {m.mount_point for m in autofs_mounts()}

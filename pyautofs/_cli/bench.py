@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,9 +28,11 @@ examples:
   pyautofs bench direct --quick              N direct mounts up, looked up, down
   pyautofs bench all --quick --dir ./benchmarks
 
-The benchmarks live in the repository's benchmarks/ folder, found next to the installed
-package (an editable install) or in ./benchmarks; --dir names another. Each runs in a
-private mount namespace. Figures are ratios against references measured in the same run.
+The benchmarks ship with the package (pyautofs._benchmarks, from the repository's
+benchmarks/ folder); --dir runs those of another folder. Each runs in a private mount
+namespace. Figures are ratios against references measured in the same run. A comparison
+that cannot run here (automount(8), root, anyio) is skipped with a one-line note.
+With --json -, stdout carries only the JSON; tables and notes go to stderr.
 """
 
 
@@ -54,9 +60,32 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
+# The Python packages a comparison may need that pyautofs itself does not.
+_OPTIONAL_PACKAGES = {
+    "anyio": "anyio",
+    "ldap": "python-ldap (the 'ldap' extra)",
+    "matplotlib": "matplotlib (the 'plot' extra)",
+}
+
+
+def _installed_benchmarks() -> Path | None:
+    """The benchmarks folder shipped with the package (pyautofs._benchmarks), if any."""
+    try:
+        spec = importlib.util.find_spec("pyautofs._benchmarks")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _bench_dir(explicit: str | None) -> Path | None:
-    candidates = [Path(explicit)] if explicit else []
-    candidates += [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+    if explicit:
+        candidates = [Path(explicit)]
+    else:
+        candidates = [Path(__file__).resolve().parents[2] / "benchmarks"]
+        installed = _installed_benchmarks()
+        candidates += [installed] if installed is not None else []
     for c in candidates:
         if (c / "README.md").exists() or any(c.glob("*.py")):
             return c
@@ -155,18 +184,99 @@ def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
     plt.close(fig)
 
 
-def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        print(f"\r\033[K... {message}", end="", file=sys.stderr, flush=True)
-    else:
-        print(f"... {message}", file=sys.stderr, flush=True)
+class Progress:
+    """The ``progress`` callback a benchmark gets: one status line on stderr.
+
+    ``progress(message, done=None, total=None)``: with ``done`` and ``total`` (steps), a
+    terminal shows ``[done/total pct% ETA m:ss]``, the ETA from the pace so far; without
+    them, the step count and the elapsed time. Not a terminal: one plain line per call.
+    """
+
+    def __init__(self, name: str, stream: Any = None, *, tty: bool | None = None) -> None:
+        self.name = name
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.t0 = time.monotonic()
+        self.calls = 0
+        self.active = False
+
+    def line(self, message: str, done: int | None = None, total: int | None = None) -> str:
+        """The status text for one call (without the terminal's control codes)."""
+        elapsed = time.monotonic() - self.t0
+        if done is not None and total:
+            pct = 100 * done / total
+            eta = "?" if done <= 0 else _clock(elapsed * (total - done) / done)
+            where = f"[{done}/{total} {pct:3.0f}% ETA {eta}]"
+        else:
+            where = f"[step {self.calls}, {_clock(elapsed)} elapsed]"
+        return f"{self.name} {where} {message}"
+
+    def __call__(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        self.calls += 1
+        text = self.line(message, done, total)
+        if self.tty:
+            self.active = True
+            print(f"\r\033[K{text}", end="", file=self.stream, flush=True)
+        else:
+            print(f"... {text}", file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Erase the status line (a terminal only)."""
+        if self.active:
+            print("\r\033[K", end="", file=self.stream, flush=True)
+            self.active = False
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.5))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def _skip_reason(name: str, exc: BaseException) -> str | None:
+    """The one-line note for a benchmark that cannot run here, or None for a real failure."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        if top in _OPTIONAL_PACKAGES:
+            return f"needs the Python package {_OPTIONAL_PACKAGES[top]}: pip install {top}"
+    if isinstance(exc, RuntimeError):
+        # The benchmarks' environment checks say "the NAME benchmark needs ...".
+        prefix = f"the {name} benchmark "
+        text = str(exc)
+        if text.startswith(prefix) and "\n" not in text:
+            return text[len(prefix) :]
+    return None
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send fd 1 (this process's and its children's) to stderr for a while."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark(s); returns the exit status."""
     folder = _bench_dir(args.dir)
     if folder is None:
-        print("pyautofs bench: no benchmarks/ folder found (use --dir)", file=sys.stderr)
+        where = f"{args.dir} holds no benchmarks" if args.dir else "no benchmarks were found"
+        print(
+            f"pyautofs bench: {where}. They ship with the package as pyautofs._benchmarks "
+            "(this install lacks them); get them from the source: the benchmarks/ folder of "
+            "a clone or of the sdist ('pip download --no-binary :all: --no-deps pyautofs'), "
+            "then 'pyautofs bench NAME --dir PATH/benchmarks'",
+            file=sys.stderr,
+        )
         return 2
     try:
         _check_folder(folder)
@@ -189,18 +299,41 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         unshare_mount_namespace()  # nothing a benchmark mounts can leak onto the machine
     documents = []
+    # With --json -, stdout carries the JSON alone; tables, notes and anything a benchmark
+    # or its child processes print go to stderr.
+    json_only = args.json == "-"
+    table_out = sys.stderr if json_only else sys.stdout
     for name in chosen:
-        module = _load(folder, name)
-        rows = module.run(args.quick, _progress)
-        if sys.stderr.isatty():
-            print("\r\033[K", end="", file=sys.stderr)
-        # With --json -, stdout carries the JSON alone; the table goes to stderr.
-        table_out = sys.stderr if args.json == "-" else sys.stdout
+        progress = Progress(name)
+        try:
+            with _stdout_to_stderr() if json_only else contextlib.nullcontext():
+                module = _load(folder, name)
+                rows = module.run(args.quick, progress)
+        except (ModuleNotFoundError, RuntimeError) as exc:
+            reason = _skip_reason(name, exc)
+            if reason is None:
+                raise
+            progress.clear()
+            print(f"pyautofs bench {name}: skipped: {reason}", file=sys.stderr)
+            continue
+        progress.clear()
+        notes = dict.fromkeys(
+            f"pyautofs bench {name}: {row.get('variant')} skipped: {row['missing']}"
+            for row in rows
+            if "missing" in row
+        )
+        for note in notes:
+            print(note, file=sys.stderr)
         print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n", file=table_out)
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
         if args.plot:
             try:
-                _plot(name, rows, args.plot)
+                # A benchmark may draw its own figure (plot(rows, path)); else a bar chart.
+                plotter = getattr(module, "plot", None)
+                if callable(plotter):
+                    plotter(rows, args.plot)
+                else:
+                    _plot(name, rows, args.plot)
             except ImportError:
                 print(
                     "pyautofs bench: --plot needs matplotlib: pip install 'pyautofs[plot]'",
@@ -208,7 +341,9 @@ def main(args: argparse.Namespace) -> int:
                 )
                 return 2
     if args.json:
-        text = json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
+        text = json.dumps(
+            documents[0] if len(documents) == 1 and args.name != "all" else documents, indent=2
+        )
         if args.json == "-":
             print(text)
         else:

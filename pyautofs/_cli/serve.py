@@ -7,7 +7,10 @@ import math
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from .._engine._handover import HANDOVER_ENV
 from .._engine._notify import Notifier
@@ -19,8 +22,10 @@ from .._engine._serve import (
     run_serve,
 )
 from .._maps._ldap import is_ldap_name
+from .._restore._autofs import AutofsImageError, read_autofs_images
+from .._restore._rebuild import restore_autofs_mounts
 from .._sys._mountinfo import AutofsMount, autofs_mounts, find_pipe_holders
-from ._errors import environment_problem
+from ._errors import describe, environment_problem
 from ._logging import LOG_TARGETS, setup_logging
 from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
 
@@ -31,6 +36,7 @@ examples:
   pyautofs serve --master /etc/auto.master            every mount the master map names (/- too)
   pyautofs serve -v /mnt/auto ./auto.prog             an executable map is a program map
   pyautofs serve --takeover /mnt/auto /etc/auto.data  take the mount over from a live server
+  pyautofs serve --restore auto.img /mnt/auto /etc/auto.data  rebuild from pyautofs dump, serve
   pyautofs serve --negative-timeout 2 --request-timeout 30 /mnt/auto /etc/auto.data
   pyautofs serve --log-target syslog --master /etc/auto.master
   pyautofs serve --ready-fd 3 /mnt/auto /etc/auto.data  writes READY=1 to fd 3 once serving
@@ -100,6 +106,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--takeover", action="store_true", help="take over a mount a live automounter serves"
+    )
+    p.add_argument(
+        "--restore",
+        metavar="IMAGE",
+        help="rebuild the mounts an image of 'pyautofs dump' holds, and serve each through "
+        "its rebuilt pipe",
     )
     p.add_argument(
         "--lock-dir",
@@ -325,16 +337,45 @@ def main(args: argparse.Namespace) -> int:
         # started us) would not trigger, and CRIU dumps only a process-group leader.
         # (A SIGUSR2 successor stays in its predecessor's group: that is how it answers.)
         os.setpgid(0, 0)
+    if args.restore:  # after setpgid: SETPIPEFD makes our group the mounts' owner
+        restored = _restore(args.restore, mounts)
+        if isinstance(restored, str):
+            print(f"pyautofs serve: --restore {args.restore}: {restored}", file=sys.stderr)
+            return 1
+        config = attrs.evolve(config, restored=restored)
     # An OSError the engine raises (say, the kernel refusing the mount) becomes one line
     # with its path in main.py.
     return run_serve(config, argv, notifier=Notifier.from_environment(ready_fd=args.ready_fd))
 
 
+def _restore(image_path: str, mounts: Sequence[MountConfig]) -> dict[str, int] | str:
+    """Rebuild the image's mounts for this process: mount point -> read end, or a problem.
+
+    Run after this process leads its own group: SETPIPEFD makes the caller's group the
+    owner. Every mount of the image must be one the map serves.
+    """
+    try:
+        images = read_autofs_images(image_path)
+    except (OSError, AutofsImageError) as exc:
+        return str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    served = {mc.mount_point for mc in mounts}
+    strangers = [im.mount_point for im in images if im.mount_point not in served]
+    if strangers:
+        return f"{strangers[0]} is in the image but not in the map(s) given"
+    try:
+        rebuilt = restore_autofs_mounts(images)
+    except OSError as exc:
+        return describe(exc)
+    return {r.mount_point: r.read_fd for r in rebuilt if r.read_fd is not None}
+
+
 def _successor_argv(argv: list[str]) -> list[str]:
-    """This command line, for the successor of an upgrade: without --takeover or --ready-fd.
+    """This command line, for the successor of an upgrade: without --takeover, --ready-fd or
+    --restore.
 
     The readiness fd was used (and closed) by this process; the successor reports to
-    systemd (MAINPID=) instead.
+    systemd (MAINPID=) instead. The successor takes its mounts from this process, not from
+    an image.
     """
     out: list[str] = []
     skip = False
@@ -343,8 +384,8 @@ def _successor_argv(argv: list[str]) -> list[str]:
             skip = False
         elif a == "--takeover":
             continue
-        elif a == "--ready-fd":
+        elif a in ("--ready-fd", "--restore"):
             skip = True
-        elif not a.startswith("--ready-fd="):
+        elif not a.startswith(("--ready-fd=", "--restore=")):
             out.append(a)
     return out

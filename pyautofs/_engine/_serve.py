@@ -47,6 +47,7 @@ from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from ._automounter import Automounter, MountHandler
+from ._control import ControlServer, control_socket_path
 from ._helpers import bind_mount, mount_tmpfs, run_mount
 from ._ldap import LdapPool
 from ._notify import Notifier
@@ -79,6 +80,9 @@ class ServeConfig:
     negative_timeout: float = 10.0
     request_timeout: float = 60.0
     lock_dir: str = "/run/pyautofs"
+    restored: Mapping[str, int] = attrs.field(factory=dict)
+    """Mount point -> read end of its restored pipe (``serve --restore``): those mounts
+    are served through that pipe as it is (``Automounter.add_mount(pipe_fd=...)``)."""
 
 
 def config_for_map(mount_point: str, map_path: str, timeout: int = 600) -> list[MountConfig]:
@@ -431,6 +435,7 @@ class MapServer:
             unregistered_handler=self._handler_for_unregistered,
         )
         self.maps: dict[str, SunMap | ProgramMap | LdapMap] = {}
+        self._restored = dict(config.restored)  # each restored pipe is served once
         self._ldap = LdapPool()
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
@@ -445,6 +450,10 @@ class MapServer:
         for mc in config.mounts:
             self._register(mc)
         self._loading = None
+        for path, fd in self._restored.items():  # its map could not be read: not served
+            log.warning("%s: restored mount not served; its pipe is closed", printable(path))
+            os.close(fd)
+        self._restored.clear()
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
         if self._loading is None:
@@ -481,6 +490,7 @@ class MapServer:
             mode="direct" if mc.direct else "indirect",
             timeout=mc.timeout,
             strictexpire=mc.strictexpire,
+            pipe_fd=self._restored.pop(mc.mount_point, None),
         )
 
     def _make_parents(self, mount_point: str) -> None:
@@ -1024,6 +1034,7 @@ async def serve(
 
                 nursery.start_soon(serving.handle_signals, sigs, nursery)
                 await nursery.start(engine)
+                await _start_control(nursery, am, config.lock_dir)
                 await server.adopt_offsets()
                 log.info("serving %d autofs mount(s); pid %d", len(server.mounts), os.getpid())
                 notifier.ready(_status(server))
@@ -1034,6 +1045,14 @@ async def serve(
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     return 0
+
+
+async def _start_control(nursery: trio.Nursery, am: Automounter, lock_dir: str) -> None:
+    """The control socket (pause/resume expiry for a checkpoint); serving goes on without."""
+    try:
+        await nursery.start(ControlServer(am, control_socket_path(lock_dir)).run)
+    except OSError as exc:
+        log.warning("no control socket (criu-hook cannot pause expiry): %s", exc)
 
 
 def run_serve(config: ServeConfig, argv: Sequence[str], *, notifier: Notifier | None = None) -> int:
