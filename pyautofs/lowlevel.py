@@ -124,6 +124,7 @@ __all__ = [
     "AUTOFS_DEVICE",
     "AUTOFS_SUPER_MAGIC",
     "AutofsControl",
+    "OwnedAutofsMount",
     "AutofsType",
     "ExpireFlags",
     "LegacyMountRoot",
