@@ -45,7 +45,7 @@ from typing import Any
 import attrs
 
 from ._master import MasterEntry, parse_master
-from ._sun import compile_entry, expand_variables, split_words
+from ._sun import CompiledEntry, compile_entry, expand_variables, split_words
 from ._types import MapEntry, MapWarning, valid_key
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "/etc/default/autofs"
+_COMPILED_CACHE_SIZE = 4096
 
 
 class LdapError(OSError):
@@ -205,6 +206,9 @@ class LdapMap:
     defaults: tuple[str, ...] = ()
     direct: bool = False
     settings: LdapSettings = attrs.field(factory=LdapSettings, repr=False)
+    _compiled: dict[str, CompiledEntry] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False, hash=False
+    )
 
     def search_filter(self, key: str) -> str:
         """One key, ``/`` and ``*``: a single search finds the key and both wildcards."""
@@ -242,9 +246,20 @@ class LdapMap:
         return None
 
     def resolve(self, key: str, value: str, variables: Mapping[str, str]) -> MapEntry:
-        """The entry a map value gives ``key``; raises ValueError (EscapeError included)."""
-        words = [expand_variables(w, variables) for w in split_words(value)]
-        return compile_entry(words, self.defaults).resolve(key)
+        """The entry a map value gives ``key``; raises ValueError (EscapeError included).
+
+        A value without ``$`` variables is compiled once (values repeat: a wildcard's, or
+        one location for many keys); the key goes in at each lookup.
+        """
+        compiled = self._compiled.get(value)
+        if compiled is None:
+            words = [expand_variables(w, variables) for w in split_words(value)]
+            compiled = compile_entry(words, self.defaults)
+            if "$" not in value:
+                if len(self._compiled) >= _COMPILED_CACHE_SIZE:
+                    self._compiled.clear()
+                self._compiled[value] = compiled
+        return compiled.resolve(key)
 
     def valid_key(self, key: str) -> bool:
         """Whether ``key`` can be looked up at all."""
