@@ -63,6 +63,7 @@ __all__ = [
     "load_ldap_settings",
     "connect",
     "read_master_map",
+    "read_master_text",
 ]
 
 DEFAULT_CONFIG = "/etc/default/autofs"
@@ -464,13 +465,12 @@ def _drop(handle: Any) -> None:
         pass
 
 
-def read_master_map(
-    name: str, settings: LdapSettings | None = None
-) -> tuple[list[MasterEntry], list[MapWarning]]:
-    """A master map stored in LDAP, read whole (blocking: at start and on SIGHUP).
+def read_master_text(name: str, settings: LdapSettings | None = None) -> str:
+    """A master map stored in LDAP as master-map text (blocking: at start and on SIGHUP).
 
     Each entry's key is a mount point and its value the rest of a master-map line. Without
     ``LDAP_URI`` in the settings, its ``ldap:DN`` maps are read from the master map's server.
+    Raises LdapError, or ValueError for a bad name.
     """
     import ldap
 
@@ -492,23 +492,24 @@ def read_master_map(
             raise _error(conn.uri, exc) from None
     finally:
         conn.close()
+    server = amap.uris[0] if not settings.uris and len(amap.uris) == 1 else None
     lines = []
     for _dn, attributes in sorted(results):
         lowered = {k.lower(): v for k, v in attributes.items()}
         keys = lowered.get(s.entry_attribute.lower()) or []
         values = lowered.get(s.value_attribute.lower()) or []
-        if keys and values:
-            lines.append(f"{keys[0].decode()} {values[0].decode()}")
-    entries, warnings = parse_master("\n".join(lines) + "\n", name)
-    if settings.uris or len(amap.uris) != 1:
-        return entries, warnings
-    # Without LDAP_URI, an "ldap:DN" map of this master map is on the master map's server.
-    server = amap.uris[0]
-    out = []
-    for e in entries:
-        scheme, _, rest = e.map_path.partition(":")
-        if scheme in ("ldap", "ldaps") and not rest.startswith("//"):
-            out.append(attrs.evolve(e, map_path=f"{server}/{rest}"))
-        else:
-            out.append(e)
-    return out, warnings
+        if not (keys and values):
+            continue
+        value = values[0].decode("utf-8", "replace")
+        scheme, _, rest = value.partition(":")
+        if server is not None and scheme in ("ldap", "ldaps") and not rest.startswith("//"):
+            value = f"{server}/{rest}"
+        lines.append(f"{keys[0].decode('utf-8', 'replace')} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def read_master_map(
+    name: str, settings: LdapSettings | None = None
+) -> tuple[list[MasterEntry], list[MapWarning]]:
+    """A master map stored in LDAP, read whole and parsed (see :func:`read_master_text`)."""
+    return parse_master(read_master_text(name, settings), name)
