@@ -326,18 +326,18 @@ def main(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout or math.inf,
         lock_dir=args.lock_dir,
     )
-    if args.restore:
-        restored = _restore(args.restore, mounts)
-        if isinstance(restored, str):
-            print(f"pyautofs serve: --restore {args.restore}: {restored}", file=sys.stderr)
-            return 1
-        config = attrs.evolve(config, restored=restored)
     argv = _successor_argv(sys.argv[1:])
     if HANDOVER_ENV not in os.environ and os.getpgrp() != os.getpid():
         # Lead a process group of our own: lookups from our old group (a script that
         # started us) would not trigger, and CRIU dumps only a process-group leader.
         # (A SIGUSR2 successor stays in its predecessor's group: that is how it answers.)
         os.setpgid(0, 0)
+    if args.restore:  # after setpgid: SETPIPEFD makes our group the mounts' owner
+        restored = _restore(args.restore, mounts)
+        if isinstance(restored, str):
+            print(f"pyautofs serve: --restore {args.restore}: {restored}", file=sys.stderr)
+            return 1
+        config = attrs.evolve(config, restored=restored)
     # An OSError the engine raises (say, the kernel refusing the mount) becomes one line
     # with its path in main.py.
     return run_serve(config, argv, notifier=Notifier.from_environment(ready_fd=args.ready_fd))
