@@ -20,6 +20,7 @@ once behind a gate; keys/s is keys over the wall time from the first start to th
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -131,9 +132,9 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
     slapd_mod = _slapd_module()
     if slapd_mod.SLAPD is None:
         raise RuntimeError("the ldap benchmark needs OpenLDAP's slapd (Debian package slapd)")
-    try:
-        import ldap  # noqa: F401
-    except ImportError:
+    try:  # not "import ldap": this very file is "ldap" on the benchmarks' sys.path
+        importlib.metadata.distribution("python-ldap")
+    except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(
             "the ldap benchmark needs python-ldap: pip install -e '.[ldap]'"
         ) from None

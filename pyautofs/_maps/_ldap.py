@@ -389,7 +389,6 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
     """
     try:
         import ldap
-        import ldap.sasl
     except ImportError:
         import errno
 
@@ -399,6 +398,7 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
     failures = []
     for uri in uris:
         handle = ldap.initialize(uri)
+        handle.timeout = settings.timeout  # python-ldap's own deadline for StartTLS, bind
         try:
             handle.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
             handle.set_option(ldap.OPT_REFERRALS, 0)
@@ -420,7 +420,10 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
             if settings.auth == "simple":
                 handle.simple_bind_s(settings.bind_dn or "", settings.bind_password or "")
             elif settings.auth == "external":
-                handle.sasl_non_interactive_bind_s("EXTERNAL")
+                # Not sasl_non_interactive_bind_s: python-ldap holds the GIL through that
+                # call, so a hung server froze the whole process for the timeout. EXTERNAL
+                # is one step, which ldap_sasl_bind does with the GIL released.
+                handle.sasl_bind_s("", "EXTERNAL", b"")
             else:
                 handle.simple_bind_s("", "")
         except ldap.LDAPError as exc:
