@@ -46,6 +46,7 @@ from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
+from .._sys._trust import check_trusted
 from ._automounter import Automounter, MountHandler
 from ._control import ControlServer, control_socket_path
 from ._helpers import bind_mount, mount_tmpfs, run_mount
@@ -537,6 +538,14 @@ class MapServer:
             return None
         argv, env = command
         where = f"map program {printable(amap.path)} {printable(key)}"
+        try:
+            # It runs as root: never one that another user could have written or replaced
+            # (checked on every run, since the file can change), and run what was checked.
+            argv = [check_trusted(argv[0]), *argv[1:]]
+        except OSError as exc:
+            raise ProgramMapError(
+                errno.ENOENT, f"{where}: not run: {printable(exc.strerror or str(exc))}"
+            ) from None
         try:
             run = await run_program(argv, env, amap.timeout)
         except OSError as exc:
