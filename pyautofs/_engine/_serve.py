@@ -44,6 +44,7 @@ from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
 from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
+from .._sys._cached import bind_if_cached
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
 from .._sys._trust import check_trusted
@@ -286,6 +287,8 @@ async def _mount_spec(spec: MountSpec, target: str, foreign: _ForeignCalls) -> N
     if spec.fstype == "bind":
         readonly = "ro" in spec.options
         source = spec.source
+        if not readonly and bind_if_cached(source, target):
+            return  # the source was all in the dentry cache: nothing could block
         await foreign.run(
             lambda abandoned: _bind_blocking(abandoned, source, target, readonly),
             f"bind mount of {printable(source)}",
