@@ -5,6 +5,11 @@ For people who build their own engine. This module only re-exports.
 
 from __future__ import annotations
 
+# -- fd passing (_sys._scm)
+from ._proto._fdmsg import FdMessageReader as FdMessageReader
+from ._proto._fdmsg import encode_message as encode_message
+from ._proto._fdmsg import single_record_fds as single_record_fds
+
 # -- packets (_proto._packets)
 from ._proto._packets import ExpireDirect as ExpireDirect
 from ._proto._packets import ExpireIndirect as ExpireIndirect
@@ -90,5 +95,3 @@ from ._sys._uapi import AutofsPacketExpire as AutofsPacketExpire
 from ._sys._uapi import AutofsPacketExpireMulti as AutofsPacketExpireMulti
 from ._sys._uapi import AutofsPacketMissing as AutofsPacketMissing
 from ._sys._uapi import AutofsV5Packet as AutofsV5Packet
-
-# -- fd passing (_sys._scm)

@@ -140,12 +140,25 @@ def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
         groups += [group] if group not in groups else []
         variants += [variant] if variant not in variants else []
         values[(group, variant)] = float(value)
+    axis = next((k for k in ("batch", "n", "phase") if any(k in r for r in rows)), "")
     fig, ax = plt.subplots(figsize=(max(6, len(groups) * 1.6), 4))
     width = 0.8 / max(1, len(variants))
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
     for i, variant in enumerate(variants):
         xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [values.get((grp, variant), 0.0) for grp in groups], width, label=variant)
+        ax.bar(
+            xs,
+            [values.get((grp, variant), 0.0) for grp in groups],
+            width,
+            label=variant,
+            color=cmap(i % cmap.N),
+        )
     ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_xlabel(axis)
+    positive = [v for v in values.values() if v > 0]
+    if positive and max(positive) / min(positive) > 30:  # values span decades
+        ax.set_yscale("log")
+        metric += " (log scale)"
     ax.set_ylabel(metric)
     ax.set_title(f"pyautofs bench {name}")
     ax.legend(fontsize="small")
@@ -199,7 +212,9 @@ def main(args: argparse.Namespace) -> int:
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
         if args.plot:
             try:
-                _plot(name, rows, args.plot)
+                # A benchmark may draw its own figure; the generic bar chart otherwise.
+                draw = getattr(module, "plot", None)
+                draw(rows, args.plot) if draw else _plot(name, rows, args.plot)
             except ImportError:
                 print(
                     "pyautofs bench: --plot needs matplotlib: pip install 'pyautofs[plot]'",
