@@ -152,6 +152,7 @@ class FdChannel:
                     await trio.lowlevel.wait_readable(self._fd)
                     continue
                 reader.feed(msg, fds_from_ancdata(anc) if anc else [], flags)
+            message = reader.next_message()
         except EOFError:
             raise
         except BaseException as exc:
@@ -159,7 +160,6 @@ class FdChannel:
             raise
         finally:
             self._receiving = False
-        message = reader.next_message()
         assert message is not None
         await trio.lowlevel.cancel_shielded_checkpoint()
         return message

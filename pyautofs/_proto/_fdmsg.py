@@ -32,7 +32,7 @@ How the kernel delivers fds, which the reader's rules follow (``net/unix/af_unix
   driver reads fixed-size pieces and the reader reassembles them by that rule.
 
 Ownership: every fd handed to :meth:`FdMessageReader.feed` belongs to the reader until it
-comes out in a message. After an error (an :class:`FdPassError` from ``feed``) or when the
+comes out in a message. After an error (an :class:`FdPassError` from ``next_message``) or when the
 driver gives up (peer gone, cancelled), :meth:`FdMessageReader.abort` hands back every fd
 it still holds, and the driver closes them: no fd of a failed message stays open.
 """
@@ -244,8 +244,9 @@ class FdMessageReader:
     ``feed(data, fds, flags)`` takes one read: its bytes, the fds that came with it (see
     :func:`fds_from_ancdata`) and its ``msg_flags``. Whole messages queue up and come out
     of :meth:`next_message`. :meth:`wanted` says how much the next read may take without
-    crossing a record boundary. Errors raise :class:`FdPassError`; the reader is then
-    broken, and :meth:`abort` returns every fd it holds, for the driver to close.
+    crossing a record boundary. A problem is raised by :meth:`next_message` (after the
+    whole messages before it): :class:`FdPassError`; the reader is then broken, and
+    :meth:`abort` returns every fd it holds, for the driver to close.
     """
 
     __slots__ = (
@@ -254,6 +255,7 @@ class FdMessageReader:
         "_broken",
         "_buf",
         "_data",
+        "_error",
         "_fds",
         "_index",
         "_inline",
@@ -272,6 +274,7 @@ class FdMessageReader:
         self._attached: list[tuple[int, int, list[int], bool]] = []
         self._ready: list[tuple[bytes, list[int]]] = []
         self._broken = False
+        self._error: FdPassError | EOFError | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -295,8 +298,9 @@ class FdMessageReader:
         return self._phase == _HEAD and not self._buf and not self._attached
 
     def has_message(self) -> bool:
-        """True when :meth:`next_message` has a whole message to give."""
-        return bool(self._ready)
+        """True when :meth:`next_message` has something to give: a whole message, or the
+        error that ended the stream."""
+        return bool(self._ready) or self._error is not None
 
     def wanted(self) -> int:
         """How many bytes the next read should ask for (seqpacket: the record size).
@@ -315,8 +319,15 @@ class FdMessageReader:
         return CONT_SIZE - len(self._buf) if self._stream else CONT_SIZE
 
     def next_message(self) -> tuple[bytes, list[int]] | None:
-        """The next whole message ``(data, fds)``, or None. Its fds are the caller's now."""
-        return self._ready.pop(0) if self._ready else None
+        """The next whole message ``(data, fds)``, or None if none is complete yet. Its fds
+        are the caller's now. After the whole messages, raises what went wrong, if
+        anything did: :class:`FdPassError`, or ``EOFError`` for a close between messages
+        (then :meth:`abort` returns what must be closed)."""
+        if self._ready:
+            return self._ready.pop(0)
+        if self._error is not None:
+            raise self._error
+        return None
 
     def abort(self) -> list[int]:
         """Give up: return every fd held (partial and queued messages alike) and break."""
@@ -337,13 +348,13 @@ class FdMessageReader:
     def feed(self, data: bytes, fds: list[int], flags: int) -> None:
         """Take one read. ``data == b""`` means the peer closed the connection.
 
-        Raises ``EOFError`` for a clean close between messages (holding nothing), and
-        :class:`FdPassError` for anything else wrong; either way :meth:`abort` then returns
-        what must be closed. The fds passed in are the reader's from this call on.
+        Never raises for what arrived: a problem (an :class:`FdPassError`, or ``EOFError``
+        for a clean close between messages) comes out of :meth:`next_message` once the
+        whole messages before it have. The fds passed in are the reader's from this call on.
         """
         if self._broken:
             self._fds += fds  # still ours to hand back
-            raise FdPassError(errno.EBADMSG, "the fd message reader broke on an earlier error")
+            return
         try:
             if not data:
                 self._fds += fds
@@ -352,6 +363,9 @@ class FdMessageReader:
                 self._feed_stream(data, fds, flags)
             else:
                 self._feed_record(data, fds, flags)
+        except (FdPassError, EOFError) as exc:
+            self._broken = True
+            self._error = exc
         except BaseException:
             self._broken = True
             raise

@@ -133,10 +133,10 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
         reader.feed(msg, fds_from_ancdata(anc), flags)
         while not reader.has_message():
             _read_once(sock, reader, 0)
+        message = reader.next_message()
     except BaseException:
         close_fds(reader.abort())
         raise
-    message = reader.next_message()
     assert message is not None
     return message
 
