@@ -51,8 +51,8 @@ class Kernel:
         if not self.stream:
             skb = self.queue.pop(0)
             flags = MSG_TRUNC if len(skb.data) > size else 0
-            fds, more = self._fds(skb)
-            return skb.data[:size], fds, flags | more
+            got, more = self._fds(skb)
+            return skb.data[:size], got, flags | more
         out = bytearray()
         fds: list[int] = []
         flags = 0
@@ -140,7 +140,8 @@ def build(
         firsts = [i for i, s in enumerate(kernel.queue) if s.data[:4] == b"PAFD"]
         s = kernel.queue[firsts[where % len(firsts)]]
         nfds = int.from_bytes(s.data[8:12], "little")
-        nfds += 1 if where % 2 or not nfds else -1
+        # one fewer is a valid shorter message when the first record is full: not a fault
+        nfds += 1 if where % 2 or not 0 < nfds <= 253 else -1
         where = firsts[where % len(firsts)]
         kernel.queue[where] = Skb(s.data[:8] + nfds.to_bytes(4, "little") + s.data[12:], s.fds)
         return kernel, sent, owner[where]
@@ -151,8 +152,9 @@ def build(
 
 def run_reader(
     kernel: Kernel, reader: FdMessageReader, sizes: list[int], exact: bool
-) -> tuple[list[tuple[bytes, list[int]]], BaseException | None, list[int]]:
-    """Drive ``reader`` like a driver would; return messages, the error, and abort()'s fds."""
+) -> tuple[list[tuple[bytes, list[int]]], BaseException, list[int], list[int]]:
+    """Drive ``reader`` like a driver would, until it raises; return the messages, the
+    error, what ``abort()`` handed back, and every fd the reader was given."""
     out: list[tuple[bytes, list[int]]] = []
     fed: list[int] = []
     i = 0
