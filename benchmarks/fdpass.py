@@ -24,6 +24,7 @@ the timed region). Repeats are interleaved across variants, and medians reported
 from __future__ import annotations
 
 import array
+import importlib.util
 import os
 import shutil
 import socket
@@ -218,7 +219,7 @@ def _measure_c(binary: str, batch: int, messages: int, sink: str) -> float:
     return batch * messages / float(out.stdout.strip())
 
 
-def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]:
+def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
     """Measure every variant at every batch size with both sinks; return result rows."""
     workdir = tempfile.mkdtemp(prefix="pyautofs-bench-fdpass-")  # 0700, new every run
     try:
@@ -238,21 +239,32 @@ def _applies(variant: str, batch: int) -> bool:
 
 
 def _run(
-    quick: bool, progress: Callable[[str], None], c_binary: str | None, c_missing: str
+    quick: bool, progress: Callable[..., None], c_binary: str | None, c_missing: str
 ) -> list[dict[str, object]]:
     repeats = 3 if quick else 7
     budget = 20_000 if quick else 150_000  # fds per measurement
     rows: list[dict[str, object]] = []
+    missing = {"c": c_missing} if c_binary is None else {}
+    if importlib.util.find_spec("anyio") is None:
+        missing["anyio-trio"] = "anyio not installed"
+    plan = {
+        (batch, sink): [v for v in VARIANTS if _applies(v, batch) and v not in missing]
+        for batch in BATCHES
+        for sink in SINKS
+    }
+    total = sum(len(v) for v in plan.values()) * repeats
+    done = 0
     for batch in BATCHES:
         messages = max(200, budget // batch)
         for sink in SINKS:
-            variants = [v for v in VARIANTS if _applies(v, batch)]
-            if c_binary is None and "c" in variants:
-                variants.remove("c")
+            variants = plan[(batch, sink)]
             samples: dict[str, list[float]] = {v: [] for v in variants}
             for rep in range(repeats):  # interleaved: each repeat runs every variant once
                 for variant in variants:
-                    progress(f"fdpass batch {batch} sink {sink} {variant} ({rep + 1}/{repeats})")
+                    progress(
+                        f"batch {batch} sink {sink} {variant} ({rep + 1}/{repeats})", done, total
+                    )
+                    done += 1
                     if variant == "c":
                         assert c_binary is not None
                         samples[variant].append(_measure_c(c_binary, batch, messages, sink))
@@ -271,8 +283,9 @@ def _run(
                     if ref in medians and ref != variant:
                         row[f"vs_{ref.replace('-', '_')}"] = round(fds_per_s / medians[ref], 2)
                 rows.append(row)
-            if c_binary is None and batch <= 253:
-                rows.append({"variant": "c", "batch": batch, "sink": sink, "missing": c_missing})
+            for variant, why in missing.items():
+                if _applies(variant, batch):
+                    rows.append({"variant": variant, "batch": batch, "sink": sink, "missing": why})
     return rows
 
 

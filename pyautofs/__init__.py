@@ -24,16 +24,20 @@ from ._engine._requests import MountRequest as MountRequest
 from ._engine._requests import Requester as Requester
 
 # -- autofs maps (_maps)
-from ._maps._sun import MapEntry as MapEntry
-from ._maps._sun import MapWarning as MapWarning
-from ._maps._sun import MasterEntry as MasterEntry
-from ._maps._sun import MountSpec as MountSpec
-from ._maps._sun import OffsetMount as OffsetMount
-from ._maps._sun import ProgramMap as ProgramMap
+from ._maps._master import MasterEntry as MasterEntry
+from ._maps._program import ProgramMap as ProgramMap
+from ._maps._sources import load_map as load_map
+from ._maps._sources import parse_master_map as parse_master_map
 from ._maps._sun import SunMap as SunMap
-from ._maps._sun import load_map as load_map
-from ._maps._sun import parse_master_map as parse_master_map
 from ._maps._sun import parse_sun_map as parse_sun_map
+from ._maps._types import MapEntry as MapEntry
+from ._maps._types import MapWarning as MapWarning
+from ._maps._types import MountSpec as MountSpec
+from ._maps._types import OffsetMount as OffsetMount
+
+# -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
+from ._proto._errors import FormatError as FormatError
+from ._proto._errors import ProtocolError as ProtocolError
 
 # -- checkpoint/restore (_restore)
 from ._restore._autofs import AutofsImageError as AutofsImageError
@@ -71,3 +75,65 @@ from ._sys._scm import peer_credentials as peer_credentials
 from ._sys._scm import recv_fds as recv_fds
 from ._sys._scm import recv_fds_many as recv_fds_many
 from ._sys._scm import send_fds as send_fds
+
+__all__ = [
+    "__version__",
+    "Automounter",
+    "ExpireHandler",
+    "MountHandler",
+    "MountPointBusyError",
+    "FormatError",
+    "ProtocolError",
+    "FdChannel",
+    "bind_mount",
+    "mount_tmpfs",
+    "run_mount",
+    "unmount",
+    "AutomounterStatistics",
+    "ExpireRequest",
+    "MountRequest",
+    "Requester",
+    "MasterEntry",
+    "ProgramMap",
+    "load_map",
+    "parse_master_map",
+    "SunMap",
+    "parse_sun_map",
+    "MapEntry",
+    "MapWarning",
+    "MountSpec",
+    "OffsetMount",
+    "AutofsImageError",
+    "AutofsMountImage",
+    "AutofsMountReport",
+    "AutofsOwner",
+    "BeneathMount",
+    "dump_autofs_mount",
+    "list_autofs_mounts",
+    "HandoverFailed",
+    "accept_handover",
+    "install_fds",
+    "PipeImage",
+    "PipeImageError",
+    "restore_pipe",
+    "snapshot_pipe",
+    "RestoredAutofsMount",
+    "restore_autofs_mount",
+    "MountJob",
+    "PipeJob",
+    "RestoreReport",
+    "WorkerProcess",
+    "restore_to_workers",
+    "run_worker",
+    "start_worker",
+    "AutofsMode",
+    "FdPassError",
+    "PeerCredentials",
+    "accept_peer",
+    "peer_credentials",
+    "recv_fds",
+    "send_fds",
+    "worker_listener",
+    "close_fds",
+    "recv_fds_many",
+]

@@ -5,7 +5,7 @@ For people who build their own engine. This module only re-exports.
 
 from __future__ import annotations
 
-# -- fd passing (_sys._scm)
+# -- the fd-message protocol, sans I/O (_proto._fdmsg)
 from ._proto._fdmsg import FdMessageReader as FdMessageReader
 from ._proto._fdmsg import encode_message as encode_message
 from ._proto._fdmsg import single_record_fds as single_record_fds
@@ -95,3 +95,81 @@ from ._sys._uapi import AutofsPacketExpire as AutofsPacketExpire
 from ._sys._uapi import AutofsPacketExpireMulti as AutofsPacketExpireMulti
 from ._sys._uapi import AutofsPacketMissing as AutofsPacketMissing
 from ._sys._uapi import AutofsV5Packet as AutofsV5Packet
+
+# -- fd passing (_sys._scm)
+
+__all__ = [
+    "ExpireDirect",
+    "ExpireIndirect",
+    "ExpireMultiV4",
+    "MissingDirect",
+    "MissingIndirect",
+    "MissingV4",
+    "Packet",
+    "PacketError",
+    "PacketType",
+    "decode_packet",
+    "encode_v4_packet",
+    "encode_v5_packet",
+    "recreate_autofs_mount",
+    "take_over_autofs_mount",
+    "Adopted",
+    "AutofsHandover",
+    "PipeHandover",
+    "adopt_handover",
+    "receive_handover",
+    "send_confirmation",
+    "send_handover",
+    "wait_confirmation",
+    "autofs_pipe_image",
+    "handover_for",
+    "AUTOFS_DEVICE",
+    "AUTOFS_SUPER_MAGIC",
+    "AutofsControl",
+    "AutofsType",
+    "ExpireFlags",
+    "LegacyMountRoot",
+    "MountPointStatus",
+    "DevIoctl",
+    "LegacyIoctl",
+    "ioc",
+    "AutofsMode",
+    "AutofsOptions",
+    "FsContext",
+    "MountFlags",
+    "UmountFlags",
+    "mount",
+    "mount_autofs",
+    "move_mount",
+    "umount2",
+    "unshare_mount_namespace",
+    "AutofsMount",
+    "MountInfo",
+    "PipeHolder",
+    "autofs_mounts",
+    "find_autofs_mount",
+    "find_pipe_holders",
+    "parse_mountinfo",
+    "read_mountinfo",
+    "PAGE_SIZE",
+    "PipeFlags",
+    "SpliceFlags",
+    "bytes_queued",
+    "get_pipe_size",
+    "packet_mode",
+    "pipe2",
+    "pipe_inode",
+    "pipe_max_size",
+    "set_packet_mode",
+    "set_pipe_size",
+    "splice",
+    "tee",
+    "AutofsDevIoctl",
+    "AutofsPacketExpire",
+    "AutofsPacketExpireMulti",
+    "AutofsPacketMissing",
+    "AutofsV5Packet",
+    "FdMessageReader",
+    "encode_message",
+    "single_record_fds",
+]

@@ -36,6 +36,8 @@ pytestmark = [
     pytest.mark.skipif(AUTOMOUNT is None, reason="needs Debian's automount(8) (package autofs)"),
 ]
 
+LOOKUP_LDAP = "/usr/lib/x86_64-linux-gnu/autofs/lookup_ldap.so"  # Debian's autofs-ldap
+
 Lookup = tuple[str, str, Path]
 """(label, op, path): ``op`` is ``read``, ``list`` or ``write`` (see ``_automount.lookup``)."""
 
@@ -379,3 +381,54 @@ def test_serve_adopts_the_mount_a_killed_automount_left(tmp_path: Path) -> None:
         if server is not None:
             server.stop()
         am.stop()  # already dead: detaches what is left and removes its fifo
+
+
+def test_ldap_map_gives_the_same_results(tmp_path: Path) -> None:
+    """The same RFC 2307bis map in a real slapd, read by automount(8) (Debian's autofs-ldap)
+    and by `pyautofs serve`: exact keys, the ``/`` wildcard, options, a key that is a filter
+    injection, and a map without a wildcard (RFC 2307, ``nisMap``)."""
+    ldap_tests = pytest.importorskip("_slapd")
+    if ldap_tests.SLAPD is None or not Path(LOOKUP_LDAP).exists():
+        pytest.skip("needs slapd and automount(8)'s LDAP module (packages slapd, autofs-ldap)")
+    pytest.importorskip("ldap", reason="needs python-ldap (the 'ldap' extra)")
+    exports = tmp_path / "exports"
+    suffix = ldap_tests.SUFFIX
+    entries = ldap_tests.automount_map_ldif(
+        "auto.test",
+        {
+            "alpha": f":{exports}/alpha",
+            "bindopt": f"-fstype=bind :{exports}/beta",
+            "rokey": f"-ro :{exports}/alpha",
+            "scratch": "-fstype=tmpfs,size=1m :tmpfs",
+            "/": f":{exports}/&",
+        },
+    ) + ldap_tests.automount_map_ldif("auto.nis", {"alpha": f":{exports}/gamma"}, schema="rfc2307")
+    server = ldap_tests.Slapd(entries, tls=False)
+    try:
+        mnt, nis = tmp_path / "mnt", tmp_path / "nis"
+        master = tmp_path / "auto.master"
+        master.write_text(
+            f"{mnt} {server.ldap_uri}/automountMapName=auto.test,{suffix}\n"
+            f"{nis} {server.ldap_uri}/nisMapName=auto.nis,{suffix}\n"
+        )
+        lookups: list[Lookup] = [
+            ("alpha/f", "read", mnt / "alpha" / "f"),
+            ("bindopt/f", "read", mnt / "bindopt" / "f"),
+            ("rokey/ write", "write", mnt / "rokey"),
+            ("scratch/", "list", mnt / "scratch"),
+            ("gamma/f (wildcard)", "read", mnt / "gamma" / "f"),
+            ("dots..ok/f (wildcard)", "read", mnt / "dots..ok" / "f"),
+            ("nosuch/ (wildcard, no export)", "list", mnt / "nosuch"),
+            ("injection/", "list", mnt / "*)(objectClass=*"),
+            ("nis alpha/f", "read", nis / "alpha" / "f"),
+            ("nis nosuch/", "list", nis / "nosuch"),
+            ("nis injection/", "list", nis / "*)(nisMapName=*"),
+        ]
+        by_automount = under_automount(tmp_path, master, [mnt, nis], lookups)
+        by_serve = under_serve(tmp_path, ["--master", str(master)], lookups)
+        show(by_automount, by_serve)
+        assert by_automount == by_serve
+        assert by_serve["alpha/f"] == ("ok", "alpha")
+        assert by_serve["nis alpha/f"] == ("ok", "gamma")
+    finally:
+        server.remove()

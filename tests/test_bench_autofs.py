@@ -83,15 +83,25 @@ def test_shutdown_quick(tmp_path: Path) -> None:
 
 def test_restore_quick(tmp_path: Path) -> None:
     table, rows = bench("restore", tmp_path)
-    for column in ("total_ms", "per_item_us", "vs_n10", "vs_by_hand", "vs_dup2_loop"):
+    for column in ("total_ms", "per_item_us", "vs_fit", "r2", "vs_by_hand", "vs_dup2_loop"):
         assert column in table
-    mounts = [r for r in rows if r["variant"].startswith("mounts, ")]
-    assert {(r["variant"], r["n"]) for r in mounts} == {
-        (f"mounts, write end {style}", n) for style in ("kept", "closed") for n in (1, 10, 100)
-    }
+    ways = (
+        "into a worker, write end kept",
+        "into a worker, write end closed",
+        "into an Automounter",
+    )
+    mounts = [r for r in rows if r["variant"] in ways]
+    assert {(r["variant"], r["n"]) for r in mounts} == {(w, n) for w in ways for n in (1, 10, 100)}
     for row in mounts:
         assert row["owned"] == row["n"]
-        assert row["total_ms"] > 0 and row["per_item_us"] > 0 and row["vs_n10"] > 0
+        assert row["total_ms"] > 0 and row["per_item_us"] > 0 and row["vs_fit"] > 0
+    fits = {r["variant"]: r for r in rows if ": fit over N = 1..100" in r["variant"]}
+    assert {v.split(":")[0] for v in fits} == {
+        *ways,
+        "dump_autofs_mounts, one batch",
+        "dump_autofs_mount, one by one",
+    }
+    assert all(r["per_item_us"] > 0 and r["r2"] <= 1 for r in fits.values())
     variants = {r["variant"] for r in rows}
     for size in ("0 B", "64 KiB", "1 MiB"):
         assert {f"restore_pipe {size}", f"by hand {size}"} <= variants

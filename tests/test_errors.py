@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from test_serve import start_serve
 
 from pyautofs._sys._mountinfo import autofs_mounts
 
@@ -71,18 +71,7 @@ class Server:
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
         self.log = tmp_path / f"serve-{len(list(tmp_path.glob('serve-*')))}.log"
-        with self.log.open("w") as err:
-            self.proc = subprocess.Popen(
-                [*PYAUTOFS, "serve", "--lock-dir", str(tmp_path / "locks"), *args],
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + DEADLINE
-        while "mount(s); pid" not in self.text():
-            assert self.proc.poll() is None, self.text()
-            assert time.monotonic() < deadline, self.text()
-            time.sleep(0.02)
+        self.proc = start_serve(self.log, ["--lock-dir", str(tmp_path / "locks"), *args])
 
     def text(self) -> str:
         return self.log.read_text()
@@ -229,7 +218,7 @@ def test_bad_map_lines_warn_and_the_good_ones_are_served(tmp_path: Path, exports
     try:
         log = s.text()
         assert f"{amap}:2: bad entry for 'broken'" in log, log
-        assert f"{amap}:3: cannot split the line: No closing quotation" in log, log
+        assert f"{amap}:3: cannot split the line: an unterminated quote" in log, log
         assert "Traceback" not in log
         assert lookup(tmp_path / "mnt" / "alpha" / "f") == (0, "alpha")
         assert lookup(tmp_path / "mnt" / "beta" / "f") == (0, "beta")

@@ -205,3 +205,136 @@ def test_shutdown_after_handover_leaves_nothing(server: Server) -> None:
     assert not [m for m in autofs_mounts() if m.mount_point == str(server.mountpoint)]
     with open("/proc/self/mountinfo") as f:
         assert str(server.mountpoint) not in f.read()
+
+
+_SUCCESSOR = """
+import sys, trio, pyautofs
+mountpoint, source, locks = sys.argv[1:4]
+async def handler(request):
+    pyautofs.bind_mount(source, request.path)
+async def main():
+    am = pyautofs.Automounter(lock_dir=locks, negative_timeout=600, negative_max=200_000)
+    am.add_mount(mountpoint, handler)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(am.run)
+        (m,) = am._mounts.values()
+        with trio.move_on_after(20):
+            while len(m.ledger.negative) < 100_000 or "late" not in m.ledger.negative:
+                await trio.sleep(0.05)
+        print(len(m.ledger.negative), "late" in m.ledger.negative, flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        nursery.cancel_scope.cancel()
+trio.run(main)
+"""
+
+
+# The old engine normally exits right after; here it is the test process, and its
+# subprocess.Popen of the successor is dropped while the successor still runs.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_upgrade_streams_a_state_of_100000_keys(tmp_path: Path) -> None:
+    import trio
+
+    import pyautofs
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "marker").write_text("x")
+    mnt = tmp_path / "mnt"
+    locks = str(tmp_path / "locks")
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(source, request.path)
+
+    async def main() -> int | None:
+        am = pyautofs.Automounter(lock_dir=locks, negative_timeout=600, negative_max=200_000)
+        am.add_mount(mnt, handler)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(am.run)
+            (m,) = am._mounts.values()
+            now = time.perf_counter()
+            for i in range(100_000):
+                m.ledger.negative.put(f"missing-key-number-{i}", 2, now)
+            argv = [sys.executable, "-c", _SUCCESSOR, str(mnt), str(source), locks]
+            # The state goes in the first message; "late" only in the final one.
+            env = dict(os.environ)
+
+            async def add_late() -> None:
+                await trio.sleep(0)
+                m.ledger.negative.put("late", 2, time.perf_counter())
+
+            nursery.start_soon(add_late)
+            first = am.hand_over(argv, timeout=30, env=env)
+            # A second request while the first is in progress is ignored at once.
+            second_result: list[int | None] = []
+
+            async def second() -> None:
+                await trio.sleep(0.01)
+                second_result.append(await am.hand_over(argv, timeout=30))
+
+            nursery.start_soon(second)
+            pid = await first
+            assert second_result == [None]
+            return pid
+
+    saved = os.dup(0), os.dup(1)
+    os.dup2(in_r, 0)
+    os.dup2(out_w, 1)
+    try:
+        pid = trio.run(main)
+    finally:
+        os.dup2(saved[0], 0)
+        os.dup2(saved[1], 1)
+        for fd in (*saved, in_r, out_w):
+            os.close(fd)
+    try:
+        assert pid is not None
+        line = b""
+        deadline = time.monotonic() + 30
+        while not line.endswith(b"\n") and time.monotonic() < deadline:
+            line += os.read(out_r, 100)
+        assert line.split() == [b"100001", b"True"]
+        # The successor serves.
+        done = subprocess.run(
+            ["cat", str(mnt / "k" / "marker")],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            start_new_session=True,
+        )
+        assert done.stdout == "x"
+    finally:
+        os.close(in_w)  # the successor shuts down
+        os.close(out_r)
+        if pid:
+            for _ in range(300):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                    os.kill(pid, 0)
+                except (ChildProcessError, ProcessLookupError):
+                    break
+                time.sleep(0.05)
+    assert not [m for m in autofs_mounts() if m.mount_point == str(mnt)]
+
+
+def test_state_decode_ignores_unknown_fields_and_defaults_missing_ones() -> None:
+    from pyautofs._engine._handover import HandoverError, MountState, decode_state
+
+    data = json.dumps(
+        {
+            "v": 3,
+            "kind": "state",
+            "future": {"x": 1},
+            "mounts": [{"path": "/mnt/a", "mode": "direct", "new_field": [1, 2]}],
+        }
+    ).encode()
+    msg, (st,) = decode_state(data, "state")
+    assert st == MountState(path="/mnt/a", mode="direct")
+    assert msg["future"] == {"x": 1}
+    with pytest.raises(HandoverError, match="malformed mount state"):
+        decode_state(json.dumps({"v": 2, "kind": "state", "mounts": [{}]}).encode(), "state")
+    with pytest.raises(HandoverError, match="version"):
+        decode_state(json.dumps({"v": 1, "kind": "state"}).encode(), "state")

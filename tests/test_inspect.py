@@ -173,3 +173,30 @@ def test_inspect_names_automount(tmp_path: Path) -> None:
             subprocess.run(["umount", "-l", str(mnt / "data")], check=False, capture_output=True)
             subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
     assert os.path.exists(tmp_path)
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_inspect_as_a_user_says_what_it_cannot_see(
+    pyautofs_server: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """Not root: the server's fds are hidden, so inspect must not call the mount orphaned."""
+    proc, mnt = pyautofs_server
+    run = [*NOBODY, sys.executable, "-m", "pyautofs", "inspect"]
+    text = subprocess.run(
+        run, capture_output=True, text=True, timeout=30, check=True, cwd="/"
+    ).stdout
+    block = text.split(f"{mnt}  (", 1)[1].split("\n\n", 1)[0]
+    assert "served by nobody" not in block and "catatonic" not in block, block
+    assert "cannot tell as uid 65534" in block, block
+    assert f"owner process group {proc.pid}: " in block, block
+    assert text.startswith("note: running as uid 65534, the fds of "), text
+    data = json.loads(
+        subprocess.run(
+            [*run, "--json"], capture_output=True, text=True, timeout=30, check=True, cwd="/"
+        ).stdout
+    )
+    (e,) = [m for m in data["mounts"] if m["mount_point"] == str(mnt)]
+    assert e["state"] == "active" and e["readers"] == [] and e["readers_complete"] is False
+    assert entry(mnt)["readers_complete"] is True  # as root

@@ -68,7 +68,7 @@ def test_only_sys_imports_ctypes_and_only_engine_imports_trio() -> None:
 
 
 def test_facades_only_reexport() -> None:
-    for name in ("__init__.py", "lowlevel.py"):
+    for name in ("__init__.py", "lowlevel.py", "restore.py"):
         tree = ast.parse((PACKAGE / name).read_text())
         for node in tree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -80,3 +80,28 @@ def test_facades_only_reexport() -> None:
             ):
                 continue
             raise AssertionError(f"{name} line {node.lineno} is not a re-export")
+
+
+ENGINE_SPLIT = {
+    "_proto": ["_ledger.py"],
+    "_engine": [
+        "_automounter.py",
+        "_served.py",
+        "_reader.py",
+        "_setup.py",
+        "_expire.py",
+        "_upgrade.py",
+        "_takeover.py",
+        "_lock.py",
+        "_handover.py",
+        "_requests.py",
+    ],
+}
+
+
+def test_the_engine_split_is_covered_and_the_ledger_does_no_io() -> None:
+    for layer, names in ENGINE_SPLIT.items():
+        for name in names:
+            assert (PACKAGE / layer / name).is_file(), f"{layer}/{name} is missing"
+    roots = {m.split(".")[0] for m, level in _imports(PACKAGE / "_proto" / "_ledger.py")}
+    assert not roots & {"os", "socket", "trio", "ctypes", "time", "pyautofs"}, roots

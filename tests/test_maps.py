@@ -10,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyautofs import MapWarning, SunMap, load_map, parse_master_map, parse_sun_map
+from pyautofs._maps._include import MAX_INCLUDES, Included
+from pyautofs._maps._master import parse_master
+from pyautofs._maps._sources import reload_map
 
 
 def test_features() -> None:
@@ -88,12 +91,14 @@ def test_sun_map_includes_first_definition_wins_and_loops_warn(tmp_path: Path) -
     outer, inner = tmp_path / "auto.outer", tmp_path / "auto.inner"
     assert f"{inner}:3: include loop: {outer} -> {inner} -> {outer}" in messages
     assert f"{outer}:4: duplicate key 'c': the first definition is used" in messages
-    assert any(w.startswith(f"{outer}:5: included map") for w in messages)
-    assert f"{outer}:6: included map 'ldap:ou=x': only files can be included" in messages
+    # A name that is no file is a NIS map (as automount(8) reads it): a note, not an error.
+    nis = next(w for w in m.warnings if w.line == 5)
+    assert nis.note and "+auto.missing is a NIS map" in nis.message
+    assert f"{outer}:6: included map 'ldap:ou=x': LDAP maps cannot be included here" in messages
     # A change to an included file is a change to the map.
-    assert m.reload() is m
+    assert reload_map(m) is m
     os.utime(inner, (1, 1))
-    assert m.reload() is not m
+    assert reload_map(m) is not m
 
 
 def test_master_map_includes_and_dir(tmp_path: Path) -> None:
@@ -113,3 +118,47 @@ def test_master_map_includes_and_dir(tmp_path: Path) -> None:
     assert any("include loop" in w and str(master) in w for w in messages)
     assert f"{d / 'b.autofs'}:2: duplicate mount point /mnt/a: the first line is used" in messages
     assert any(w.startswith(f"{master}:5: included directory") for w in messages)
+
+
+def test_debian_default_master_map_plus_auto_master_is_a_nis_include(tmp_path: Path) -> None:
+    """Debian's /etc/auto.master holds ``+auto.master``: a NIS include, skipped with a note
+    (automount(8) asks NIS for it), not an include loop."""
+    master = tmp_path / "auto.master"
+    master.write_text(f"/misc {tmp_path}/auto.misc\n+dir:{tmp_path}/master.d\n+auto.master\n")
+    (tmp_path / "auto.misc").write_text("cd -fstype=iso9660,ro,nosuid,nodev :/dev/cdrom\n")
+    (tmp_path / "master.d").mkdir()
+    entries, warnings = parse_master_map(str(master))
+    assert [e.mount_point for e in entries] == ["/misc"]
+    assert [(w.line, w.note) for w in warnings] == [(3, True)]
+    assert "NIS" in warnings[0].message and "loop" not in warnings[0].message
+    # A map file that includes itself by name is the same: NIS, a note.
+    amap = tmp_path / "auto.home"
+    amap.write_text("a :/srv/a\n+auto.home\n")
+    m = load_map(str(amap))
+    assert isinstance(m, SunMap) and m.keys() == ["a"]
+    assert [w.note for w in m.warnings] == [True]
+    # A real loop between two files is still refused, with a warning.
+    (tmp_path / "m1").write_text(f"+{tmp_path}/m2\n")
+    (tmp_path / "m2").write_text(f"+{tmp_path}/m1\n/x {tmp_path}/auto.misc\n")
+    entries, warnings = parse_master_map(str(tmp_path / "m1"))
+    assert [e.mount_point for e in entries] == ["/x"]
+    assert any("include loop" in w.message and not w.note for w in warnings)
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=300), st.text(max_size=100))
+def test_parsers_take_text_and_an_include_callable(text: str, included: str) -> None:
+    """No files: includes come from a callable, so the parsers can be fuzzed directly."""
+    calls: list[str] = []
+
+    def read_include(name: str, including: str) -> list[Included]:
+        calls.append(name)
+        return [Included(f"inc:{name}", included)]
+
+    m = parse_sun_map(text, "fuzz", read_include=read_include)
+    assert all(isinstance(w, MapWarning) for w in m.warnings)
+    for key in m.keys()[:5]:
+        m.lookup(key)
+    entries, _ = parse_master(text, "fuzz", read_include=read_include)
+    assert all(e.mount_point.startswith("/") for e in entries)
+    assert len(calls) <= 2 * MAX_INCLUDES

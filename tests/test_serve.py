@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -39,20 +40,69 @@ def lookup(path: Path, *, read: bool = True) -> tuple[int, str]:
     return r.returncode, r.stdout
 
 
+def wait_ready(proc: subprocess.Popen[bytes], ready_r: int, log: Path, timeout: float = 20) -> None:
+    """Wait for ``READY=1`` on the read end of a ``--ready-fd`` pipe (then close it).
+
+    EOF before the line means the server exited (or closed the fd) without becoming ready.
+    """
+    try:
+        deadline = time.monotonic() + timeout
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0, f"not ready within {timeout} s:\n{log.read_text()}"
+            ready, _, _ = select.select([ready_r], [], [], left)
+            if ready:
+                chunk = os.read(ready_r, 64)
+                assert chunk, f"exited ({proc.wait(timeout=10)}) before READY:\n{log.read_text()}"
+                data += chunk
+        assert data == b"READY=1\n", data
+    finally:
+        os.close(ready_r)
+
+
+def start_serve(
+    log: Path,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """``pyautofs serve ARGS`` in its own session, returned once it is ready (--ready-fd).
+
+    ``wrapper`` is a command that execs its arguments (say, ``unshare ... sh -c``).
+    """
+    ready_r, ready_w = os.pipe()
+    argv = [*wrapper, sys.executable, "-m", "pyautofs", "serve", "--ready-fd", str(ready_w)]
+    argv += args
+    try:
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                argv,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(ready_w,),
+                env=env,
+            )
+    finally:
+        os.close(ready_w)
+    try:
+        wait_ready(proc, ready_r, log)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 class Server:
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.stderr = tmp_path / f"serve-{len(list(tmp_path.glob('serve-*')))}.log"
-        argv = [sys.executable, "-m", "pyautofs", "serve", "-v"]
-        argv += ["--lock-dir", str(tmp_path / "locks"), *args]
-        with self.stderr.open("w") as err:
-            self.proc = subprocess.Popen(argv, stderr=err, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while (
-            "serving " not in self.stderr.read_text() or "mount(s)" not in self.stderr.read_text()
-        ):
-            assert self.proc.poll() is None, self.stderr.read_text()
-            assert time.monotonic() < deadline, self.stderr.read_text()
-            time.sleep(0.02)
+        self.proc = start_serve(
+            self.stderr, ["-v", "--lock-dir", str(tmp_path / "locks"), *args], env=env
+        )
 
     def log(self) -> str:
         return self.stderr.read_text()

@@ -85,7 +85,7 @@ def main() -> None:
         server.wait(timeout=30)
     print("exit status:", server.returncode)
     log_lines = LOG.read_text().replace(ROOT, "$ROOT").splitlines()
-    print("log:", *[line.split(" ", 2)[2] for line in log_lines], sep="\n  ")
+    print("log:", *[line.split(" ", 3)[3] for line in log_lines], sep="\n  ")
     print("still mounted:", os.path.ismount(f"{ROOT}/data"))
     shutil.rmtree(ROOT)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,9 +27,11 @@ examples:
   pyautofs bench shutdown --plot shutdown.png
   pyautofs bench all --quick --dir ./benchmarks
 
-The benchmarks live in the repository's benchmarks/ folder, found next to the installed
-package (an editable install) or in ./benchmarks; --dir names another. Each runs in a
-private mount namespace. Figures are ratios against references measured in the same run.
+The benchmarks ship with the package (pyautofs._benchmarks, from the repository's
+benchmarks/ folder); --dir runs those of another folder. Each runs in a private mount
+namespace. Figures are ratios against references measured in the same run. A comparison
+that cannot run here (automount(8), root, anyio) is skipped with a one-line note.
+With --json -, stdout carries only the JSON; tables and notes go to stderr.
 """
 
 
@@ -53,9 +59,32 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
+# The Python packages a comparison may need that pyautofs itself does not.
+_OPTIONAL_PACKAGES = {
+    "anyio": "anyio",
+    "ldap": "python-ldap (the 'ldap' extra)",
+    "matplotlib": "matplotlib (the 'plot' extra)",
+}
+
+
+def _installed_benchmarks() -> Path | None:
+    """The benchmarks folder shipped with the package (pyautofs._benchmarks), if any."""
+    try:
+        spec = importlib.util.find_spec("pyautofs._benchmarks")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _bench_dir(explicit: str | None) -> Path | None:
-    candidates = [Path(explicit)] if explicit else []
-    candidates += [Path(__file__).resolve().parents[2] / "benchmarks", Path.cwd() / "benchmarks"]
+    if explicit:
+        candidates = [Path(explicit)]
+    else:
+        candidates = [Path(__file__).resolve().parents[2] / "benchmarks"]
+        installed = _installed_benchmarks()
+        candidates += [installed] if installed is not None else []
     for c in candidates:
         if (c / "README.md").exists() or any(c.glob("*.py")):
             return c
@@ -114,8 +143,42 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def plot_colors(n: int) -> list[Any]:
+    """``n`` colours that stay apart: tab10, then tab20, then evenly spaced on turbo."""
+    import matplotlib
+
+    if n <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = matplotlib.colormaps["turbo"]
+    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def spans_decades(values: list[float], ratio: float = 100.0) -> bool:
+    """Whether positive ``values`` span ``ratio`` or more (then a log scale shows them all)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) >= 2 and max(positive) / min(positive) >= ratio
+
+
 def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
-    """A grouped bar chart of the first numeric metric, per variant, by batch or n."""
+    """Draw :func:`figure` to ``path`` (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(name, rows)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure(name: str, rows: list[dict[str, object]]) -> Any:
+    """A grouped bar chart of the first numeric metric, per variant, by batch, n or phase.
+
+    Every benchmark without a ``plot(rows, path)`` of its own gets this one: labelled axes,
+    a distinct colour per variant, a log scale when values span two decades or more (so
+    that small bars stay visible), and the legend outside the bars.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,62 +186,142 @@ def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
 
     skip = {"variant", "batch", "n", "phase"}
     metric = next(
-        (k for r in rows for k, v in r.items() if k not in skip and isinstance(v, (int, float))),
+        (
+            k
+            for r in rows
+            for k, v in r.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ),
         None,
     )
     if metric is None:
         raise ValueError(f"{name}: no numeric metric to plot")
+    group_key = next((k for k in ("batch", "n", "phase") if any(k in r for r in rows)), "")
     groups: list[str] = []
     variants: list[str] = []
     values: dict[tuple[str, str], float] = {}
     for r in rows:
         value = r.get(metric)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        group = str(r.get("batch", r.get("n", r.get("phase", ""))))
+        group = str(r.get(group_key, "")) if group_key else ""
         variant = str(r.get("variant", ""))
         groups += [group] if group not in groups else []
         variants += [variant] if variant not in variants else []
         values[(group, variant)] = float(value)
-    axis = next((k for k in ("batch", "n", "phase") if any(k in r for r in rows)), "")
-    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 1.6), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(groups) * 0.5 * max(2, len(variants))), 4.5))
     width = 0.8 / max(1, len(variants))
-    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    colors = plot_colors(len(variants))
     for i, variant in enumerate(variants):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(
-            xs,
-            [values.get((grp, variant), 0.0) for grp in groups],
-            width,
-            label=variant,
-            color=cmap(i % cmap.N),
-        )
+        xs = [g + i * width for g in range(len(groups)) if (groups[g], variant) in values]
+        ys = [values[(grp, variant)] for grp in groups if (grp, variant) in values]
+        ax.bar(xs, ys, width, label=variant, color=colors[i], edgecolor="black", linewidth=0.4)
     ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(groups))], groups)
-    ax.set_xlabel(axis)
-    positive = [v for v in values.values() if v > 0]
-    if positive and max(positive) / min(positive) > 30:  # values span decades
+    ax.set_xlabel(group_key or "variant")
+    if spans_decades(list(values.values())):
         ax.set_yscale("log")
-        metric += " (log scale)"
-    ax.set_ylabel(metric)
-    ax.set_title(f"pyautofs bench {name}")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        print(f"\r\033[K... {message}", end="", file=sys.stderr, flush=True)
+        ax.set_ylabel(f"{metric} (log scale)")
     else:
-        print(f"... {message}", file=sys.stderr, flush=True)
+        ax.set_ylabel(metric)
+    ax.set_title(f"pyautofs bench {name}")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+class Progress:
+    """The ``progress`` callback a benchmark gets: one status line on stderr.
+
+    ``progress(message, done=None, total=None)``: with ``done`` and ``total`` (steps), a
+    terminal shows ``[done/total pct% ETA m:ss]``, the ETA from the pace so far; without
+    them, the step count and the elapsed time. Not a terminal: one plain line per call.
+    """
+
+    def __init__(self, name: str, stream: Any = None, *, tty: bool | None = None) -> None:
+        self.name = name
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.t0 = time.monotonic()
+        self.calls = 0
+        self.active = False
+
+    def line(self, message: str, done: int | None = None, total: int | None = None) -> str:
+        """The status text for one call (without the terminal's control codes)."""
+        elapsed = time.monotonic() - self.t0
+        if done is not None and total:
+            pct = 100 * done / total
+            eta = "?" if done <= 0 else _clock(elapsed * (total - done) / done)
+            where = f"[{done}/{total} {pct:3.0f}% ETA {eta}]"
+        else:
+            where = f"[step {self.calls}, {_clock(elapsed)} elapsed]"
+        return f"{self.name} {where} {message}"
+
+    def __call__(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        self.calls += 1
+        text = self.line(message, done, total)
+        if self.tty:
+            self.active = True
+            print(f"\r\033[K{text}", end="", file=self.stream, flush=True)
+        else:
+            print(f"... {text}", file=self.stream, flush=True)
+
+    def clear(self) -> None:
+        """Erase the status line (a terminal only)."""
+        if self.active:
+            print("\r\033[K", end="", file=self.stream, flush=True)
+            self.active = False
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds + 0.5))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
+
+
+def _skip_reason(name: str, exc: BaseException) -> str | None:
+    """The one-line note for a benchmark that cannot run here, or None for a real failure."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        if top in _OPTIONAL_PACKAGES:
+            return f"needs the Python package {_OPTIONAL_PACKAGES[top]}: pip install {top}"
+    if isinstance(exc, RuntimeError):
+        # The benchmarks' environment checks say "the NAME benchmark needs ...".
+        prefix = f"the {name} benchmark "
+        text = str(exc)
+        if text.startswith(prefix) and "\n" not in text:
+            return text[len(prefix) :]
+    return None
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send fd 1 (this process's and its children's) to stderr for a while."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark(s); returns the exit status."""
     folder = _bench_dir(args.dir)
     if folder is None:
-        print("pyautofs bench: no benchmarks/ folder found (use --dir)", file=sys.stderr)
+        where = f"{args.dir} holds no benchmarks" if args.dir else "no benchmarks were found"
+        print(
+            f"pyautofs bench: {where}. They ship with the package as pyautofs._benchmarks "
+            "(this install lacks them); get them from the source: the benchmarks/ folder of "
+            "a clone or of the sdist ('pip download --no-binary :all: --no-deps pyautofs'), "
+            "then 'pyautofs bench NAME --dir PATH/benchmarks'",
+            file=sys.stderr,
+        )
         return 2
     try:
         _check_folder(folder)
@@ -201,20 +344,41 @@ def main(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         unshare_mount_namespace()  # nothing a benchmark mounts can leak onto the machine
     documents = []
+    # With --json -, stdout carries the JSON alone; tables, notes and anything a benchmark
+    # or its child processes print go to stderr.
+    json_only = args.json == "-"
+    table_out = sys.stderr if json_only else sys.stdout
     for name in chosen:
-        module = _load(folder, name)
-        rows = module.run(args.quick, _progress)
-        if sys.stderr.isatty():
-            print("\r\033[K", end="", file=sys.stderr)
-        # With --json -, stdout carries the JSON alone; the table goes to stderr.
-        table_out = sys.stderr if args.json == "-" else sys.stdout
+        progress = Progress(name)
+        try:
+            with _stdout_to_stderr() if json_only else contextlib.nullcontext():
+                module = _load(folder, name)
+                rows = module.run(args.quick, progress)
+        except (ModuleNotFoundError, RuntimeError) as exc:
+            reason = _skip_reason(name, exc)
+            if reason is None:
+                raise
+            progress.clear()
+            print(f"pyautofs bench {name}: skipped: {reason}", file=sys.stderr)
+            continue
+        progress.clear()
+        notes = dict.fromkeys(
+            f"pyautofs bench {name}: {row.get('variant')} skipped: {row['missing']}"
+            for row in rows
+            if "missing" in row
+        )
+        for note in notes:
+            print(note, file=sys.stderr)
         print(f"{name}: {getattr(module, 'TITLE', '')}\n{_table(rows)}\n", file=table_out)
         documents.append({"benchmark": name, "machine": _machine(), "results": rows})
         if args.plot:
             try:
-                # A benchmark may draw its own figure; the generic bar chart otherwise.
-                draw = getattr(module, "plot", None)
-                draw(rows, args.plot) if draw else _plot(name, rows, args.plot)
+                # A benchmark may draw its own figure (plot(rows, path)); else a bar chart.
+                plotter = getattr(module, "plot", None)
+                if callable(plotter):
+                    plotter(rows, args.plot)
+                else:
+                    _plot(name, rows, args.plot)
             except ImportError:
                 print(
                     "pyautofs bench: --plot needs matplotlib: pip install 'pyautofs[plot]'",
@@ -222,7 +386,9 @@ def main(args: argparse.Namespace) -> int:
                 )
                 return 2
     if args.json:
-        text = json.dumps(documents[0] if len(documents) == 1 else documents, indent=2)
+        text = json.dumps(
+            documents[0] if len(documents) == 1 and args.name != "all" else documents, indent=2
+        )
         if args.json == "-":
             print(text)
         else:

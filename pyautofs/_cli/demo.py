@@ -19,6 +19,7 @@ from typing import Any
 from .._engine._demo import DemoEvent, Lookup, run_demo
 from .._sys._mount import unshare_mount_namespace
 from ._errors import environment_problem
+from ._options import positive_int
 
 _DESCRIPTION = """\
 Start an automounter on a temporary mount point with an embedded map (bind mounts, a tmpfs,
@@ -68,7 +69,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "-n",
         "--keys",
-        type=int,
+        type=positive_int,
         default=200,
         metavar="N",
         help="new keys for the latency run (default 200)",
@@ -99,9 +100,6 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
-    if args.keys < 1:
-        print("pyautofs demo: --keys must be at least 1", file=sys.stderr)
-        return 2
     unshare_mount_namespace()  # before any thread exists
     workdir = tempfile.mkdtemp(prefix="pyautofs-demo-")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -38,13 +39,44 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--pid",
         default="self",
+        type=_pid,
         help="look through this process's mount namespace (default: this one's)",
     )
     p.set_defaults(func=main)
 
 
-def report_to_json(r: AutofsMountReport) -> dict[str, Any]:
-    """The stable JSON form of one mount."""
+def _pid(text: str) -> str:
+    if text == "self" or (text.isdigit() and int(text) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'self' or a process id, not {text!r}")
+
+
+def hidden_processes() -> list[int]:
+    """Processes whose fds this user cannot read (/proc/PID/fd): their pipes are unseen."""
+    if os.geteuid() == 0:
+        return []
+    hidden = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                os.listdir(f"/proc/{name}/fd")
+            except PermissionError:
+                hidden.append(int(name))
+            except OSError:
+                pass
+    return hidden
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def report_to_json(r: AutofsMountReport, hidden: int = 0) -> dict[str, Any]:
+    """The stable JSON form of one mount (``hidden``: processes whose fds were unseen)."""
     m = r.mount
     return {
         "mount_point": m.mount_point,
@@ -69,6 +101,7 @@ def report_to_json(r: AutofsMountReport) -> dict[str, Any]:
             {"pid": h.pid, "command": h.comm, "fd": h.fd, "pgrp": h.pgrp} for h in r.readers
         ],
         "write_end_held": r.write_end_held,
+        "readers_complete": hidden == 0,
         "writers": [{"pid": h.pid, "command": h.comm, "fd": h.fd} for h in r.writers],
         "beneath": [
             {"mount_point": b.mount_point, "fstype": b.fstype, "source": b.source}
@@ -84,10 +117,16 @@ def main(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"pyautofs: no process {args.pid}", file=sys.stderr)
         return 1
+    hidden = len(hidden_processes())
     if args.json:
-        json.dump({"mounts": [report_to_json(r) for r in reports]}, sys.stdout, indent=2)
+        json.dump({"mounts": [report_to_json(r, hidden) for r in reports]}, sys.stdout, indent=2)
         print()
         return 0
+    if hidden:
+        print(
+            f"note: running as uid {os.geteuid()}, the fds of {hidden} process(es) are hidden "
+            "from this user, so who serves a mount may not show; run as root to see it\n"
+        )
     if not reports:
         print("no autofs mounts")
         return 0
@@ -105,12 +144,19 @@ def main(args: argparse.Namespace) -> int:
         if r.readers:
             for h in r.readers:
                 print(f"  served by pid {h.pid} ({h.comm}), read end on fd {h.fd}, pgrp {h.pgrp}")
+        elif r.state == "active" and hidden:
+            owner = _comm(m.pgrp) if m.pgrp else None
+            print(
+                f"  served by (cannot tell as uid {os.geteuid()}: the read end is not among "
+                "the fds this user can see; run as root)"
+                + (f"; owner process group {m.pgrp}: {owner}" if owner else "")
+            )
         elif r.state == "active":
             print("  served by nobody: no process holds the read end (next lookup: catatonic)")
         if r.writers:
             ends = ", ".join(f"pid {h.pid} fd {h.fd}" for h in r.writers)
             print(f"  write end also held by {ends} (automount style)")
-        elif r.state == "active":
+        elif r.state == "active" and not hidden:
             print("  write end held only by the kernel (systemd/pyautofs style)")
         for b in r.beneath:
             print(f"  beneath   {b.mount_point}  {b.fstype} {b.source}")

@@ -10,11 +10,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from .. import __version__
 from ._errors import describe, os_errors
 
 # Subcommand modules, in the order ``--help`` lists them.
-_SUBCOMMANDS = ("demo", "serve", "inspect", "bench", "version")
+_SUBCOMMANDS = ("demo", "serve", "inspect", "dump", "criu_hook", "bench", "version")
 
 _DESCRIPTION = """\
 The Linux autofs protocol and file-descriptor passing: serve autofs maps, see every autofs
@@ -27,20 +29,36 @@ examples:
   pyautofs serve /mnt/auto /etc/auto.data        serve one indirect map, in the foreground
   pyautofs serve --master /etc/auto.master       serve every mount the master map names
   pyautofs inspect                               every autofs mount and the process serving it
+  pyautofs dump /mnt/auto -o auto.img            capture a mount and its pipe into an image
+  pyautofs criu-hook --pid 1234 pause            pause expiry of a serve before a checkpoint
   pyautofs bench list                            the benchmarks there are
   pyautofs version                               versions of pyautofs and the kernel interface
+  pyautofs --version                             the pyautofs version only
 
 'pyautofs COMMAND --help' shows a command's options and more examples.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: what is wrong, and where to look.
+
+    Subcommand parsers are of this class too (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser of the ``pyautofs`` command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pyautofs",
         description=_DESCRIPTION,
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pyautofs {__version__}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import os
 import stat
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from .._engine._handover import HANDOVER_ENV
+from .._engine._notify import Notifier
 from .._engine._serve import (
     MountConfig,
     ServeConfig,
@@ -17,8 +21,13 @@ from .._engine._serve import (
     config_from_master,
     run_serve,
 )
+from .._maps._ldap import is_ldap_name
+from .._restore._autofs import AutofsImageError, read_autofs_images
+from .._restore._rebuild import restore_autofs_mounts
 from .._sys._mountinfo import autofs_mounts, find_pipe_holders
-from ._errors import environment_problem
+from ._errors import describe, environment_problem
+from ._logging import LOG_TARGETS, setup_logging
+from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
 
 _EXAMPLES = """\
 examples:
@@ -27,13 +36,25 @@ examples:
   pyautofs serve --master /etc/auto.master            every mount the master map names (/- too)
   pyautofs serve -v /mnt/auto ./auto.prog             an executable map is a program map
   pyautofs serve --takeover /mnt/auto /etc/auto.data  take the mount over from a live server
+  pyautofs serve --restore auto.img /mnt/auto /etc/auto.data  rebuild from pyautofs dump, serve
   pyautofs serve --negative-timeout 2 --request-timeout 30 /mnt/auto /etc/auto.data
+  pyautofs serve --log-target syslog --master /etc/auto.master
+  pyautofs serve --ready-fd 3 /mnt/auto /etc/auto.data  writes READY=1 to fd 3 once serving
 
 signals:
-  SIGTERM, SIGINT  answer what is pending, unmount what was mounted, remove the mounts, exit 0
-  SIGHUP           re-read the maps (and the master map's list of mount points)
+  SIGTERM, SIGINT  answer what is pending, unmount what was mounted, remove the mounts, exit 0;
+                   a second one forces the exit at once, after logging what is left
+  SIGHUP           re-read the maps (and the master map's list of mount points) and forget
+                   failed lookups
   SIGUSR2          hand every mount to a fresh pyautofs started from the code on disk,
                    without failing a lookup (zero-downtime upgrade)
+
+durations: 0 turns the limit off (never expire, no negative cache, no deadline); negative
+values are refused.
+
+under systemd: Type=notify works (READY=1 once every mount is live, STATUS= with counts,
+RELOADING=1, STOPPING=1, WATCHDOG=1 when WatchdogSec= is set), and logs go to the journal
+when stderr is the journal (JOURNAL_STREAM). See docs/howto/systemd.rst for a unit file.
 
 A mount point left by a crashed server, or by automount(8), is adopted: keys mounted
 before keep working. A mount served by a live automounter is refused unless --takeover.
@@ -49,7 +70,7 @@ def add_parser(sub: Any) -> None:
         help="serve autofs maps (a faster, restartable automount(8))",
         description=(
             "Serve autofs mounts from sun-format or program maps, in the foreground, as\n"
-            "automount(8) does; log lines go to stderr."
+            "automount(8) does. One log line per mount, unmount and failed lookup."
         ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,30 +84,59 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--master", metavar="FILE", help="serve every mount of this master map")
     p.add_argument(
         "--timeout",
-        type=int,
+        type=whole_seconds,
         default=600,
         metavar="SECONDS",
-        help="expire idle keys after this (0: never; default 600)",
+        help="expire idle keys after this (0: never expire; default 600)",
     )
     p.add_argument(
         "--negative-timeout",
-        type=float,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
-        help="how long a missing key keeps failing at once (default 10)",
+        help="how long a failed key keeps failing at once (0: no negative cache; default 10)",
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=seconds,
         default=60.0,
         metavar="SECONDS",
-        help="deadline of one mount (default 60)",
+        help="deadline of one lookup and mount; then the requester gets ETIMEDOUT "
+        "(0: no deadline, a hung mount holds its requester until shutdown; default 60)",
     )
     p.add_argument(
         "--takeover", action="store_true", help="take over a mount a live automounter serves"
     )
-    p.add_argument("--lock-dir", default="/run/pyautofs", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="one log line per request")
+    p.add_argument(
+        "--restore",
+        metavar="IMAGE",
+        help="rebuild the mounts an image of 'pyautofs dump' holds, and serve each through "
+        "its rebuilt pipe",
+    )
+    p.add_argument(
+        "--lock-dir",
+        default="/run/pyautofs",
+        metavar="DIR",
+        help="where the locks that keep two engines off one mount point live "
+        "(default /run/pyautofs)",
+    )
+    p.add_argument(
+        "--log-target",
+        choices=LOG_TARGETS,
+        default=None,
+        help="where log lines go (default: the journal when stderr is the journal, "
+        "as under systemd; else stderr)",
+    )
+    p.add_argument(
+        "--ready-fd",
+        type=fd_number,
+        default=None,
+        metavar="N",
+        help="write READY=1 and a newline to fd N, then close it, once every mount is live",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines too (every request, expire)"
+    )
     p.set_defaults(func=main)
 
 
@@ -139,7 +189,9 @@ def _mount_point_problem(path: str) -> str | None:
 
 
 def _map_problem(path: str, what: str) -> str | None:
-    """Why the map file at ``path`` cannot be read, or None."""
+    """Why the map file at ``path`` cannot be read, or None (LDAP maps: read when served)."""
+    if is_ldap_name(path):
+        return None
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -204,11 +256,21 @@ def _preflight(mounts: list[MountConfig], takeover: bool) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the server; returns the exit status."""
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="pyautofs[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        setup_logging(args.log_target, verbose=args.verbose)
+    except OSError as exc:
+        print(
+            f"pyautofs serve: cannot log to {args.log_target} ({exc.filename or '/dev/log'}): "
+            f"{exc.strerror} "
+            "(is a syslog daemon running? or use --log-target stderr)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.ready_fd is not None:
+        problem = writable_fd_problem(args.ready_fd)
+        if problem:
+            print(f"pyautofs serve: --ready-fd {args.ready_fd}: {problem}", file=sys.stderr)
+            return 2
     problem = environment_problem("serve")
     if problem:
         print(problem, file=sys.stderr)
@@ -254,13 +316,71 @@ def main(args: argparse.Namespace) -> int:
         return 1
     config = ServeConfig(
         tuple(mounts),
-        master=os.path.abspath(args.master) if args.master else None,
+        master=(
+            args.master
+            if args.master is None or is_ldap_name(args.master)
+            else os.path.abspath(args.master)
+        ),
         takeover=args.takeover,
         negative_timeout=args.negative_timeout,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout or math.inf,
         lock_dir=args.lock_dir,
     )
-    argv = [a for a in sys.argv[1:] if a != "--takeover"]
+    argv = _successor_argv(sys.argv[1:])
+    if HANDOVER_ENV not in os.environ and os.getpgrp() != os.getpid():
+        # Lead a process group of our own: lookups from our old group (a script that
+        # started us) would not trigger, and CRIU dumps only a process-group leader.
+        # (A SIGUSR2 successor stays in its predecessor's group: that is how it answers.)
+        os.setpgid(0, 0)
+    if args.restore:  # after setpgid: SETPIPEFD makes our group the mounts' owner
+        restored = _restore(args.restore, mounts)
+        if isinstance(restored, str):
+            print(f"pyautofs serve: --restore {args.restore}: {restored}", file=sys.stderr)
+            return 1
+        config = attrs.evolve(config, restored=restored)
     # An OSError the engine raises (say, the kernel refusing the mount) becomes one line
     # with its path in main.py.
-    return run_serve(config, argv)
+    return run_serve(config, argv, notifier=Notifier.from_environment(ready_fd=args.ready_fd))
+
+
+def _restore(image_path: str, mounts: Sequence[MountConfig]) -> dict[str, int] | str:
+    """Rebuild the image's mounts for this process: mount point -> read end, or a problem.
+
+    Run after this process leads its own group: SETPIPEFD makes the caller's group the
+    owner. Every mount of the image must be one the map serves.
+    """
+    try:
+        images = read_autofs_images(image_path)
+    except (OSError, AutofsImageError) as exc:
+        return str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    served = {mc.mount_point for mc in mounts}
+    strangers = [im.mount_point for im in images if im.mount_point not in served]
+    if strangers:
+        return f"{strangers[0]} is in the image but not in the map(s) given"
+    try:
+        rebuilt = restore_autofs_mounts(images)
+    except OSError as exc:
+        return describe(exc)
+    return {r.mount_point: r.read_fd for r in rebuilt if r.read_fd is not None}
+
+
+def _successor_argv(argv: list[str]) -> list[str]:
+    """This command line, for the successor of an upgrade: without --takeover, --ready-fd or
+    --restore.
+
+    The readiness fd was used (and closed) by this process; the successor reports to
+    systemd (MAINPID=) instead. The successor takes its mounts from this process, not from
+    an image.
+    """
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--takeover":
+            continue
+        elif a in ("--ready-fd", "--restore"):
+            skip = True
+        elif not a.startswith(("--ready-fd=", "--restore=")):
+            out.append(a)
+    return out

@@ -19,8 +19,11 @@ per read), and each process answers the tokens it read: no token is answered twi
 at all. If the successor does not confirm in time, the old engine kills it and goes on
 serving: a failed upgrade never takes the automounter down.
 
-Wire protocol (SOCK_SEQPACKET): old -> new ``state`` (JSON + fds, 3 per mount: read end,
-ioctl fd, lock fd), new -> old ``ready`` (or ``error``), old -> new ``final`` (JSON).
+Wire protocol (SOCK_SEQPACKET, each message framed by :mod:`pyautofs._sys._scm`, so any
+size and any number of fds): old -> new ``state`` (JSON + fds: the engine lock, then each
+request pipe's read end and, for the shared pipe of direct mounts, its write end), new ->
+old ``ready`` (or ``error``), old -> new ``final`` (JSON). Decoding is tolerant: unknown
+fields are ignored and missing ones take their defaults, so an upgrade may add fields.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from typing import Any
 
 import attrs
 
+from .._proto._errors import ProtocolError
+from ._fdchannel import FdChannel
+
 __all__ = [
     "HANDOVER_ENV",
     "HANDOVER_VERSION",
@@ -40,16 +46,17 @@ __all__ = [
     "MountState",
     "encode_state",
     "decode_state",
-    "send_state",
-    "receive_state",
+    "send_message",
+    "receive_message",
+    "receive_state_blocking",
 ]
 
 HANDOVER_ENV = "PYAUTOFS_HANDOVER_FD"
 """The environment variable that tells a successor which fd is its handover socket."""
-HANDOVER_VERSION = 1
+HANDOVER_VERSION = 2
 
 
-class HandoverError(RuntimeError):
+class HandoverError(ProtocolError):
     """The handover protocol failed; the old engine keeps serving."""
 
 
@@ -58,16 +65,18 @@ class MountState:
     """What a successor needs to serve one mount without remounting it."""
 
     path: str
-    mode: str
-    dev: int
-    timeout: int
-    strictexpire: bool
-    created_dir: bool
-    mounted: tuple[str, ...]
-    created_keys: tuple[str, ...]
-    key_timeouts: Mapping[str, int]
-    negative: Mapping[str, tuple[float, int]]
+    mode: str = "indirect"
+    dev: int = 0
+    timeout: int = 0
+    strictexpire: bool = False
+    created_dir: bool = False
+    mounted: tuple[str, ...] = ()
+    created_keys: tuple[str, ...] = ()
+    key_timeouts: Mapping[str, int] = attrs.Factory(dict)
+    negative: Mapping[str, tuple[float, int]] = attrs.Factory(dict)
     """key -> (seconds left, errno)."""
+    pipe: int = -1
+    """Index of its request pipe in the message's ``pipes`` (-1: none passed)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -77,19 +86,25 @@ class MountState:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> MountState:
-        """Inverse of :meth:`to_json`."""
-        return cls(
-            path=str(d["path"]),
-            mode=str(d["mode"]),
-            dev=int(d["dev"]),
-            timeout=int(d["timeout"]),
-            strictexpire=bool(d["strictexpire"]),
-            created_dir=bool(d["created_dir"]),
-            mounted=tuple(d["mounted"]),
-            created_keys=tuple(d["created_keys"]),
-            key_timeouts={str(k): int(v) for k, v in d["key_timeouts"].items()},
-            negative={str(k): (float(v[0]), int(v[1])) for k, v in d["negative"].items()},
-        )
+        """Inverse of :meth:`to_json`: unknown fields are ignored, missing ones defaulted."""
+        try:
+            return cls(
+                path=str(d["path"]),
+                mode=str(d.get("mode", "indirect")),
+                dev=int(d.get("dev", 0)),
+                timeout=int(d.get("timeout", 0)),
+                strictexpire=bool(d.get("strictexpire", False)),
+                created_dir=bool(d.get("created_dir", False)),
+                mounted=tuple(str(k) for k in d.get("mounted", ())),
+                created_keys=tuple(str(k) for k in d.get("created_keys", ())),
+                key_timeouts={str(k): int(v) for k, v in d.get("key_timeouts", {}).items()},
+                negative={
+                    str(k): (float(v[0]), int(v[1])) for k, v in d.get("negative", {}).items()
+                },
+                pipe=int(d.get("pipe", -1)),
+            )
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise HandoverError(f"malformed mount state: {exc!r}") from None
 
 
 def encode_state(kind: str, mounts: Sequence[MountState], **extra: Any) -> bytes:
@@ -105,35 +120,46 @@ def decode_state(data: bytes, kind: str) -> tuple[dict[str, Any], list[MountStat
         msg = json.loads(data)
     except ValueError as exc:
         raise HandoverError(f"malformed handover message: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("v") != HANDOVER_VERSION:
+    version = msg.get("v") if isinstance(msg, dict) else None
+    if not isinstance(version, int) or version < HANDOVER_VERSION:
         raise HandoverError(f"unsupported handover message version: {str(msg)[:80]}")
     if msg.get("kind") != kind:
         raise HandoverError(f"expected a {kind!r} handover message, got {msg.get('kind')!r}")
     return msg, [MountState.from_json(m) for m in msg.get("mounts", ())]
 
 
-def send_state(sock: socket.socket, mounts: Sequence[MountState], fds: Sequence[int]) -> None:
-    """Send the ``state`` message with 3 fds per mount (read end, ioctl fd, lock fd)."""
-    from .._sys._scm import send_fds
-
-    if len(fds) != 3 * len(mounts):
-        raise ValueError("send_state needs 3 fds per mount")
-    send_fds(sock, list(fds), encode_state("state", mounts))
+async def send_message(
+    channel: FdChannel, kind: str, mounts: Sequence[MountState], fds: Sequence[int], **extra: Any
+) -> None:
+    """Send one framed protocol message (any size, any number of fds)."""
+    await channel.send(fds, encode_state(kind, mounts, **extra))
 
 
-def receive_state(
+async def receive_message(
+    channel: FdChannel, kind: str
+) -> tuple[dict[str, Any], list[MountState], list[int]]:
+    """Receive one framed message of ``kind``; its fds are closed if it is not valid."""
+    data, fds = await channel.receive()
+    try:
+        msg, mounts = decode_state(data, kind)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg, mounts, fds
+
+
+def receive_state_blocking(
     sock: socket.socket,
-) -> tuple[dict[str, Any], list[tuple[MountState, int, int, int]]]:
-    """Receive the ``state`` message; returns (header, [(state, read_fd, ioctlfd, lock_fd)])."""
+) -> tuple[dict[str, Any], list[MountState], list[int]]:
+    """The successor's first read, before trio runs its reader: the ``state`` message."""
     from .._sys._scm import recv_fds
 
     data, fds = recv_fds(sock)
     try:
         msg, mounts = decode_state(data, "state")
-        if len(fds) != 3 * len(mounts):
-            raise HandoverError(f"handover carried {len(fds)} fds for {len(mounts)} mounts")
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return msg, [(m, fds[3 * i], fds[3 * i + 1], fds[3 * i + 2]) for i, m in enumerate(mounts)]
+    return msg, mounts, fds

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import trio
 
+from .._proto._escape import printable
 from .._sys._mount import MountFlags, UmountFlags, mount, umount2
 
 __all__ = ["bind_mount", "mount_tmpfs", "run_mount", "unmount", "MOUNT_COMMAND"]
@@ -86,12 +87,14 @@ async def run_mount(
         )
     if scope.cancelled_caught:
         raise OSError(
-            errno.ETIMEDOUT, f"mount(8) of {source} took longer than {timeout} s", os.fspath(target)
+            errno.ETIMEDOUT,
+            f"mount(8) of {printable(source)} took longer than {timeout} s",
+            os.fspath(target),
         )
     if result.returncode != 0:
-        message = (
-            result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
-        )
+        # mount(8)'s words echo the map's source and options, which a map (or a key, through
+        # '&') chose: escaped, they cannot forge a log line.
+        message = printable(result.stderr.strip(), 1024) or f"exit status {result.returncode}"
         raise OSError(errno.EIO, f"mount(8): {message}", os.fspath(target))
 
 

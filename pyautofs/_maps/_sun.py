@@ -1,163 +1,146 @@
-"""The autofs "sun" map format and master maps: text in, mount specs and warnings out.
+"""Sun-format map entries: text in, compiled entries out, a key in, mount specs out.
 
-Pure parsing, plus running program maps (a subprocess, never a shell). No kernel calls.
+Pure: no files, no processes, no kernel calls.
 
-A map line is ``key [-options] location``: ``#`` starts a comment line, a trailing ``\\``
-continues the line, ``*`` is the wildcard key (used only when no exact key matches) and
-``&`` in the options or location stands for the key. ``-fstype=bind :/path`` and a plain
-``:/path`` bind-mount a local path, ``-fstype=tmpfs`` mounts a tmpfs, anything else is
-for mount(8). Multi-mount entries (``key /a :/x /b :/y``) list offsets below the key.
+A map line is ``key [-options] location``: ``#`` at the start of a word starts a comment,
+a trailing ``\\`` continues the line, ``"..."`` and ``\\x`` quote the map's own text, ``*``
+is the wildcard key (used only when no exact key matches) and ``&`` in the options, offsets
+or location stands for the key. ``-fstype=bind :/path`` and a plain ``:/path`` bind-mount a
+local path, ``-fstype=tmpfs`` mounts a tmpfs, anything else is for mount(8). Multi-mount
+entries (``key /a :/x /b :/y``) list offsets below the key.
 
-A line ``+name`` includes another map file there (``+/path``, ``+file:/path``, or a name
-found next to the including file or in ``/etc``): as in automount(8), the first definition
-of a key wins, whether it comes from the file or an included one. Master maps include
-other master maps the same way, and ``+dir:/path`` includes every ``*.autofs`` file of a
-directory, in name order. An include that would loop is refused with a warning.
+The order of work is automount(8)'s, and it is what keeps a key harmless:
 
-A bad line never stops anything: it becomes a :class:`MapWarning` (file:line and why), is
-logged to ``pyautofs.maps`` and skipped.
+1. the map's own text is split into words and unquoted (:func:`split_words`);
+2. ``$VAR`` and ``${VAR}`` are expanded in those words (only there: never in a key);
+3. the entry's shape (options, offsets, locations) is decided (:func:`compile_entry`);
+4. only then is ``&`` replaced by the key, in each field. The key's text is never split,
+   unquoted, taken as a comment or expanded, and a location that the substitution makes
+   leave the directory the entry names (a ``..`` component after the first ``&``) is
+   refused (:class:`EscapeError`).
+
+An entry without ``$`` variables depends only on the key, so it is compiled once, when the
+map is read; a lookup is then a dict hit, the ``&`` substitution and the escape check.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import posixpath
 import re
-import shlex
-import stat
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
+
+from .._proto._escape import printable
+from ._include import MAX_INCLUDES, ReadInclude, includes
+from ._types import EscapeError, MapEntry, MapWarning, MountSpec, OffsetMount, valid_key
 
 __all__ = [
     "MountSpec",
     "OffsetMount",
     "MapEntry",
     "MapWarning",
-    "SunMap",
-    "ProgramMap",
-    "MasterEntry",
-    "parse_sun_map",
-    "parse_master_map",
-    "load_map",
+    "CompiledEntry",
+    "EscapeError",
     "valid_key",
-    "MAX_PROGRAM_OUTPUT",
-    "MAX_INCLUDE_DEPTH",
+    "logical_lines",
+    "split_words",
+    "expand_variables",
+    "compile_entry",
+    "check_location",
+    "SunMap",
+    "parse_sun_map",
 ]
 
 log = logging.getLogger("pyautofs.maps")
 
-MAX_PROGRAM_OUTPUT = 64 * 1024
-MAX_INCLUDE_DEPTH = 16
-_RESOLVED_CACHE_SIZE = 16384
-_MISSING = object()
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
-
-@attrs.frozen
-class MountSpec:
-    """What to mount: ``fstype`` ``bind``, ``tmpfs``, or a type for mount(8)."""
-
-    fstype: str
-    source: str
-    options: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class OffsetMount:
-    """One mount of an entry; ``offset`` ``"/"`` is the key's own directory."""
-
-    offset: str
-    spec: MountSpec
-
-
-@attrs.frozen
-class MapEntry:
-    """A resolved map entry for one key."""
-
-    key: str
-    mounts: tuple[OffsetMount, ...]
-
-    @property
-    def root(self) -> MountSpec | None:
-        """The mount on the key's own directory, if any."""
-        for m in self.mounts:
-            if m.offset == "/":
-                return m.spec
-        return None
-
-
-@attrs.frozen
-class MapWarning:
-    """A map line that was skipped, and why."""
-
-    file: str
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
-
-
-def valid_key(key: str, *, direct: bool = False) -> bool:
-    """Whether ``key`` can be spliced into a path safely."""
-    if not key or "\0" in key or (len(key.encode(errors="surrogateescape")) > 255 and not direct):
-        return False
-    if direct:
-        return key.startswith("/") and ".." not in key.split("/")
-    return "/" not in key and key not in (".", "..")
-
-
-def _substitute(text: str, key: str, variables: Mapping[str, str]) -> str:
-    text = text.replace("&", key)
-    if "$" in text:
-        text = _VAR.sub(lambda m: variables.get(m.group(1) or m.group(2), ""), text)
-    return text
-
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Join continuation lines and drop comments; (first line number, text)."""
-    out: list[tuple[int, str]] = []
+def logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(first line number, text) of each line, continuations joined; linear time."""
     buf: list[str] = []
     start = 0
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip()
         if not buf:
             start = number
-            if not line.strip() or line.lstrip().startswith("#"):
+            stripped = line.lstrip()
+            if not stripped or stripped.startswith("#"):
                 continue
         if line.endswith("\\"):
             buf.append(line[:-1])
             continue
         buf.append(line)
-        out.append((start, " ".join(buf)))
+        yield start, " ".join(buf)
         buf = []
     if buf:
-        out.append((start, " ".join(buf)))
-    return out
+        yield start, " ".join(buf)
 
 
-def _split(line: str) -> list[str]:
-    return shlex.split(line, comments=True, posix=True)
+# One word: unquoted characters, \x escapes and "..." strings, glued together. The
+# alternatives never overlap, so the regex engine is linear in the line's length.
+_WORD = re.compile(r'\s*(?:(#)|((?:[^\s"\\]|\\.|"(?:[^"\\]|\\.)*")+)|(\S))', re.DOTALL)
+_UNQUOTE = re.compile(r'\\(.)|"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _token_lines(
-    text: str, path: str, warnings: list[MapWarning]
-) -> Iterator[tuple[int, list[str]]]:
-    """(line number, tokens) of each non-empty logical line; unsplittable ones warn."""
-    for number, line in _logical_lines(text):
-        try:
-            tokens = _split(line)
-        except ValueError as exc:
-            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
-            continue
-        if tokens:
-            yield number, tokens
+def _unquote(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return match.group(1)
+    return _UNESCAPE.sub(r"\1", match.group(2))
 
 
-def _spec(options: Sequence[str], location: str) -> MountSpec:
+def split_words(line: str) -> list[str]:
+    """Split a line of the map's own text into unquoted words; raises ValueError.
+
+    Linear time, whatever the line. Never used on a key or on text that holds one.
+    """
+    words: list[str] = []
+    pos, end = 0, len(line)
+    while pos < end:
+        m = _WORD.match(line, pos)
+        if m is None:  # only whitespace left
+            break
+        pos = m.end()
+        if m.group(1) is not None:
+            break  # a comment runs to the end of the line
+        word = m.group(2)
+        if word is None:
+            if m.group(3) is None:
+                break
+            if m.group(3) == '"':
+                raise ValueError("an unterminated quote")
+            raise ValueError("a lone backslash")
+        if '"' in word or "\\" in word:
+            word = _UNQUOTE.sub(_unquote, word)
+        words.append(word)
+    return words
+
+
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_variables(text: str, variables: Mapping[str, str]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced by their values (unknown ones by nothing)."""
+    if "$" not in text:
+        return text
+    return _VAR.sub(lambda m: variables.get(m.group(1) or m.group(2), ""), text)
+
+
+def _options(word: str) -> list[str]:
+    return [o for o in word[1:].split(",") if o]
+
+
+@attrs.frozen
+class _Field:
+    """One mount of a compiled entry, ``&`` not yet replaced."""
+
+    offset: str
+    fstype: str
+    source: str
+    options: tuple[str, ...]
+
+
+def _spec_fields(options: Sequence[str], location: str) -> tuple[str, str, tuple[str, ...]]:
     fstype = ""
     rest: list[str] = []
     for opt in options:
@@ -173,70 +156,125 @@ def _spec(options: Sequence[str], location: str) -> MountSpec:
         fstype = fstype or ("nfs" if ":" in location else "bind")
     if fstype == "bind":
         rest = [o for o in rest if o not in ("bind", "rbind")]
-    return MountSpec(fstype, source, tuple(rest))
+    return fstype, source, tuple(rest)
 
 
-def _options(token: str) -> list[str]:
-    return [o for o in token[1:].split(",") if o]
+def _normalize_offset(offset: str) -> str:
+    parts = [p for p in offset.split("/") if p and p != "."]
+    return "/" + "/".join(parts)
 
 
-def _parse_entry_body(
-    tokens: list[str], defaults: Sequence[str]
-) -> list[tuple[str, list[str], str]]:
-    """(offset, options, location) triples of an entry's body; raises ValueError."""
+@attrs.frozen
+class CompiledEntry:
+    """An entry's shape, decided from the map's text; :meth:`resolve` puts a key in it."""
+
+    fields: tuple[_Field, ...]
+    uses_key: bool
+
+    def resolve(self, key: str) -> MapEntry:
+        """The entry for ``key``: ``&`` replaced in each field; raises EscapeError."""
+        if not self.uses_key:
+            return MapEntry(
+                key,
+                tuple(
+                    OffsetMount(f.offset, MountSpec(f.fstype, f.source, f.options)) for f in self
+                ),
+            )
+        mounts = []
+        for f in self.fields:
+            source = f.source.replace("&", key)
+            check_location(f.source, source)
+            offset = f.offset
+            if "&" in offset:
+                offset = f.offset.replace("&", key)
+                check_location(f.offset, offset)
+                offset = _normalize_offset(offset)
+            options = tuple(o.replace("&", key) for o in f.options)
+            mounts.append(OffsetMount(offset, MountSpec(f.fstype, source, options)))
+        return MapEntry(key, tuple(mounts))
+
+    def __iter__(self) -> Iterator[_Field]:
+        return iter(self.fields)
+
+
+def compile_entry(words: Sequence[str], defaults: Sequence[str] = ()) -> CompiledEntry:
+    """The shape of an entry from its words after the key (variables expanded).
+
+    Raises ValueError for an entry without a location, or with words after it.
+    """
     options = list(defaults)
     i = 0
-    while i < len(tokens) and tokens[i].startswith("-"):
-        options += _options(tokens[i])
+    while i < len(words) and words[i].startswith("-"):
+        options += _options(words[i])
         i += 1
-    if i >= len(tokens):
+    if i >= len(words):
         raise ValueError("no location")
-    if not tokens[i].startswith("/"):
-        location = tokens[i]
-        if i + 1 != len(tokens):
-            raise ValueError(f"unexpected {tokens[i + 1]!r} after the location")
-        return [("/", options, location)]
-    # A multi-mount entry: /offset [-options] location ...
-    out = []
-    while i < len(tokens):
-        offset = tokens[i]
-        if not offset.startswith("/"):
-            raise ValueError(f"expected an offset starting with '/', got {offset!r}")
-        i += 1
-        opts = list(options)
-        while i < len(tokens) and tokens[i].startswith("-"):
-            opts += _options(tokens[i])
+    triples: list[tuple[str, list[str], str]] = []
+    if not words[i].startswith("/"):
+        if i + 1 != len(words):
+            raise ValueError(f"unexpected {words[i + 1]!r} after the location")
+        triples.append(("/", options, words[i]))
+    else:
+        # A multi-mount entry: /offset [-options] location ...
+        while i < len(words):
+            offset = words[i]
+            if not offset.startswith("/"):
+                raise ValueError(f"expected an offset starting with '/', got {offset!r}")
             i += 1
-        if i >= len(tokens) or tokens[i].startswith("/"):
-            raise ValueError(f"offset {offset} has no location")
-        out.append((posixpath.normpath(offset) if offset != "/" else "/", opts, tokens[i]))
-        i += 1
-    return out
+            opts = list(options)
+            while i < len(words) and words[i].startswith("-"):
+                opts += _options(words[i])
+                i += 1
+            if i >= len(words) or words[i].startswith("/"):
+                raise ValueError(f"offset {offset} has no location")
+            if ".." in offset.split("/"):
+                raise ValueError(f"offset {offset} has a '..' component")
+            triples.append((offset if "&" in offset else _normalize_offset(offset), opts, words[i]))
+            i += 1
+    fields = []
+    for offset, opts, location in triples:
+        fstype, source, rest = _spec_fields(opts, location)
+        fields.append(_Field(offset, fstype, source, rest))
+    uses_key = any(
+        "&" in f.source or "&" in f.offset or any("&" in o for o in f.options) for f in fields
+    )
+    return CompiledEntry(tuple(fields), uses_key)
 
 
-def _check_local(spec: MountSpec, template: str) -> None:
-    """A key substituted into a local path must not walk out of the written prefix."""
-    if spec.fstype != "bind" or "&" not in template:
+def check_location(template: str, resolved: str) -> None:
+    """Refuse ``resolved`` if the key's text made it leave the directory ``template`` names.
+
+    What follows the last ``/`` before the template's first ``&`` came (partly) from the
+    key; it must hold no ``..`` component. Raises :class:`EscapeError`.
+    """
+    at = template.find("&")
+    if at < 0:
         return
-    written = template.lstrip(":").split("&", 1)[0]
-    prefix = posixpath.normpath(written) if written.rstrip("/") else "/"
-    resolved = posixpath.normpath(spec.source)
-    if not (resolved == prefix or resolved.startswith(prefix.rstrip("/") + "/")):
-        raise ValueError(f"{spec.source!r} escapes {prefix!r}")
+    start = template.rfind("/", 0, at) + 1
+    if ".." in resolved[start:].split("/"):
+        raise EscapeError(f"{resolved!r} leaves {template[:start] or template!r}")
+
+
+_RESOLVED_CACHE_SIZE = 16384
+_MISSING = object()
 
 
 @attrs.define
 class SunMap:
-    """A parsed file map: exact keys, an optional wildcard, and the warnings."""
+    """A parsed file map: exact keys, an optional wildcard, and the warnings.
+
+    ``entries`` holds each key's words after the key (the map's text, unexpanded);
+    ``compiled`` the entries without ``$`` variables, compiled once.
+    """
 
     path: str
     entries: dict[str, list[str]]
-    """key -> the entry's tokens after the key (unresolved)."""
     defaults: tuple[str, ...] = ()
     direct: bool = False
     warnings: list[MapWarning] = attrs.Factory(list)
     sources: dict[str, float] = attrs.Factory(dict)
     """Every file read (this one and its includes) -> its mtime then."""
+    compiled: dict[str, CompiledEntry] = attrs.Factory(dict)
     _resolved: dict[str, MapEntry | None] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
     )
@@ -246,141 +284,126 @@ class SunMap:
         return [k for k in self.entries if k != "*"]
 
     def lookup(self, key: str, variables: Mapping[str, str] | None = None) -> MapEntry | None:
-        """Resolve ``key`` (exact, then the wildcard); None if there is no such key."""
-        if not valid_key(key, direct=self.direct):
-            return None
+        """Resolve ``key`` (exact, then the wildcard); None if there is no such key.
+
+        An entry the key cannot be put into safely (see :func:`check_location`) is None too.
+        """
         cached = self._resolved.get(key, _MISSING)
         if cached is not _MISSING:
             return cached  # type: ignore[return-value]
-        tokens = self.entries.get(key)
-        if tokens is None:
-            tokens = self.entries.get("*")
-            if tokens is None:
+        if not valid_key(key, direct=self.direct):
+            return None
+        which = key if key in self.entries else "*"
+        compiled = self.compiled.get(which)
+        if compiled is None:
+            words = self.entries.get(which)
+            if words is None:
                 return None
-        entry = resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
-        if not any("$" in t for t in tokens):
-            # Without variables an entry depends only on the key: resolve it once.
-            if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
-                self._resolved.clear()
-            self._resolved[key] = entry
+            try:
+                vs = {} if variables is None else variables
+                compiled = compile_entry([expand_variables(w, vs) for w in words], self.defaults)
+                return compiled.resolve(key)
+            except ValueError as exc:
+                _log_unusable(self.path, key, exc)
+                return None
+        try:
+            entry: MapEntry | None = compiled.resolve(key)
+        except EscapeError as exc:
+            _log_unusable(self.path, key, exc)
+            entry = None
+        if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[key] = entry
         return entry
 
-    def reload(self) -> SunMap:
-        """Re-read the file if it or a file it includes changed; returns the current map."""
-        try:
-            if not os.path.exists(self.path) or all(
-                _mtime(p) == t for p, t in self.sources.items()
-            ):
-                return self
-        except OSError:
-            pass  # an included file went away: re-read
-        return parse_sun_map_file(self.path, defaults=self.defaults, direct=self.direct)
 
-
-def resolve_entry(
-    key: str, tokens: Sequence[str], defaults: Sequence[str], variables: Mapping[str, str]
-) -> MapEntry | None:
-    """Turn an entry's tokens into mounts for ``key``; None if the entry is unusable."""
-    subst = [_substitute(t, key, variables) for t in tokens]
-    try:
-        triples = _parse_entry_body(subst, defaults)
-        mounts = []
-        for (offset, options, location), template in zip(
-            triples, _templates(tokens, defaults), strict=False
-        ):
-            spec = _spec(options, location)
-            _check_local(spec, template)
-            mounts.append(OffsetMount(offset, spec))
-    except ValueError as exc:
-        log.warning("map entry for %r is unusable: %s", key, exc)
-        return None
-    return MapEntry(key, tuple(mounts))
-
-
-def _templates(tokens: Sequence[str], defaults: Sequence[str]) -> list[str]:
-    try:
-        return [loc for _, _, loc in _parse_entry_body(list(tokens), defaults)]
-    except ValueError:
-        return []
-
-
-def _mtime(path: str) -> float:
-    return os.stat(path).st_mtime
-
-
-def _include_target(name: str, including: str) -> str | None:
-    """The file a ``+name`` line includes; None for a source this parser cannot read."""
-    if name.startswith("file:"):
-        name = name[len("file:") :]
-    elif ":" in name.split("/", 1)[0]:
-        return None  # ldap:, yp:, nis: and such
-    if not name:
-        return None
-    if name.startswith("/"):
-        return name
-    base = os.path.dirname(os.path.abspath(including)) if including != "<map>" else "."
-    for directory in (base, "/etc"):
-        candidate = os.path.join(directory, name)
-        if os.path.exists(candidate):
-            return candidate
-    return os.path.join(base, name)
-
-
-def _chain(stack: Sequence[str], last: str) -> str:
-    return " -> ".join([*stack, last])
+def _log_unusable(path: str, key: str, exc: Exception) -> None:
+    log.warning("%s: map entry for %s is unusable: %s", path, printable(key), printable(str(exc)))
 
 
 def parse_sun_map(
     text: str,
     path: str = "<map>",
     *,
+    read_include: ReadInclude | None = None,
     defaults: Sequence[str] = (),
     direct: bool = False,
-    _stack: tuple[str, ...] = (),
 ) -> SunMap:
     """Parse map text; bad lines become warnings (and log lines), never errors.
 
-    ``+name`` lines include other map files (see the module documentation).
+    ``+name`` lines include other maps through ``read_include`` (see :mod:`._include`);
+    without it, every include is skipped with a warning. The first definition of a key
+    wins, whether it comes from this text or an included one.
     """
     entries: dict[str, list[str]] = {}
     warnings: list[MapWarning] = []
-    sources: dict[str, float] = {}
-    stack = (*_stack, os.path.realpath(path)) if path != "<map>" else _stack
-    for number, tokens in _token_lines(text, path, warnings):
-        key, body = tokens[0], tokens[1:]
+    _parse_sun(
+        text,
+        path,
+        stack=(path,),
+        read_include=read_include,
+        direct=direct,
+        entries=entries,
+        warnings=warnings,
+        budget=[MAX_INCLUDES],
+    )
+    compiled: dict[str, CompiledEntry] = {}
+    for key, words in entries.items():
+        if not any("$" in w for w in words):
+            compiled[key] = compile_entry(words, defaults)  # checked when it was read
+    for w in warnings:
+        log.log(logging.INFO if w.note else logging.WARNING, "%s", w)
+    return SunMap(path, entries, tuple(defaults), direct, warnings, {}, compiled)
+
+
+def _parse_sun(
+    text: str,
+    path: str,
+    *,
+    stack: tuple[str, ...],
+    read_include: ReadInclude | None,
+    direct: bool,
+    entries: dict[str, list[str]],
+    warnings: list[MapWarning],
+    budget: list[int],
+) -> None:
+    for number, line in logical_lines(text):
+        try:
+            words = split_words(line)
+        except ValueError as exc:
+            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
+            continue
+        if not words:
+            continue
+        key, body = words[0], words[1:]
         if key.startswith("+"):
-            target = _include_target(key[1:], path)
-            problem = None
-            if target is None:
-                problem = f"included map {key[1:]!r}: only files can be included"
-            elif os.path.realpath(target) in stack:
-                problem = f"include loop: {_chain(stack, os.path.realpath(target))}"
-            elif len(stack) >= MAX_INCLUDE_DEPTH:
-                problem = f"includes nested deeper than {MAX_INCLUDE_DEPTH}"
-            elif os.access(target, os.X_OK) and os.path.isfile(target):
-                problem = f"included map {target}: program maps cannot be included"
-            if problem is not None:
-                warnings.append(MapWarning(path, number, problem))
-                continue
-            assert target is not None
-            try:
-                included = parse_sun_map_file(
-                    target, defaults=defaults, direct=direct, _stack=stack
+            for inc in includes(
+                key[1:],
+                path,
+                number,
+                stack=stack,
+                read_include=read_include,
+                warnings=warnings,
+                budget=budget,
+            ):
+                _parse_sun(
+                    inc.text,
+                    inc.name,
+                    stack=(*stack, inc.name),
+                    read_include=read_include,
+                    direct=direct,
+                    entries=entries,
+                    warnings=warnings,
+                    budget=budget,
                 )
-            except OSError as exc:
-                warnings.append(MapWarning(path, number, f"included map {target}: {exc.strerror}"))
-                continue
-            for k, v in included.entries.items():
-                entries.setdefault(k, v)
-            warnings.extend(included.warnings)
-            sources.update(included.sources)
             continue
         if key != "*" and not valid_key(key, direct=direct):
             what = "an absolute path" if direct else "a name without '/'"
             warnings.append(MapWarning(path, number, f"bad key {key!r}: expected {what}"))
             continue
         try:
-            _parse_entry_body(body, defaults)
+            # The shape is checked with the variables left in: a value cannot add words.
+            compile_entry(body)
         except ValueError as exc:
             warnings.append(MapWarning(path, number, f"bad entry for {key!r}: {exc}"))
             continue
@@ -390,259 +413,3 @@ def parse_sun_map(
             )
             continue
         entries[key] = body
-    if not _stack:
-        for w in warnings:
-            log.warning("%s", w)
-    return SunMap(path, entries, tuple(defaults), direct, warnings, sources)
-
-
-def parse_sun_map_file(
-    path: str,
-    *,
-    defaults: Sequence[str] = (),
-    direct: bool = False,
-    _stack: tuple[str, ...] = (),
-) -> SunMap:
-    """Read and parse a map file (and the files it includes)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        mtime = os.fstat(f.fileno()).st_mtime
-        text = f.read()
-    smap = parse_sun_map(text, path, defaults=defaults, direct=direct, _stack=_stack)
-    smap.sources[path] = mtime
-    return smap
-
-
-@attrs.frozen
-class ProgramMap:
-    """An executable map: run with the key as its only argument; stdout is the entry."""
-
-    path: str
-    defaults: tuple[str, ...] = ()
-    timeout: float = 10.0
-    direct: bool = False
-
-    def command(
-        self, key: str, variables: Mapping[str, str] | None = None
-    ) -> tuple[list[str], dict[str, str]]:
-        """The argv and the clean environment to run for ``key`` (never a shell)."""
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-        env.update(variables or {})
-        return [self.path, key], env
-
-    def parse_output(
-        self, key: str, stdout: bytes, returncode: int, variables: Mapping[str, str] | None = None
-    ) -> MapEntry | None:
-        """The entry a run printed; None for a non-zero exit or empty output."""
-        if returncode != 0 or len(stdout) > MAX_PROGRAM_OUTPUT:
-            return None
-        text = stdout.decode(errors="replace").replace("\\\n", " ").strip()
-        if not text:
-            return None
-        try:
-            tokens = _split(text)
-        except ValueError:
-            log.warning("%s %s: unparsable output", self.path, key)
-            return None
-        return resolve_entry(key, tokens, self.defaults, {} if variables is None else variables)
-
-    def lookup(self, key: str, variables: Mapping[str, str] | None = None) -> MapEntry | None:
-        """Run the program synchronously (with the deadline) and parse its output."""
-        if not valid_key(key, direct=self.direct):
-            return None
-        argv, env = self.command(key, variables)
-        try:
-            done = subprocess.run(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=self.timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("program map %s %s: %s", self.path, key, exc)
-            return None
-        return self.parse_output(key, done.stdout, done.returncode, variables)
-
-    def reload(self) -> ProgramMap:
-        """Program maps are run afresh each time; nothing to reload."""
-        return self
-
-
-def load_map(
-    path: str, *, defaults: Sequence[str] = (), direct: bool = False
-) -> SunMap | ProgramMap:
-    """A file map, or a program map if the file is executable."""
-    st = os.stat(path)
-    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-        return ProgramMap(path, tuple(defaults), direct=direct)
-    return parse_sun_map_file(path, defaults=defaults, direct=direct)
-
-
-@attrs.frozen
-class MasterEntry:
-    """One line of a master map."""
-
-    mount_point: str
-    """An absolute path, or ``"/-"`` for a direct map."""
-    map_path: str
-    timeout: int | None
-    options: tuple[str, ...]
-    """Sun options that become the map entries' defaults."""
-    strictexpire: bool = False
-
-    @property
-    def direct(self) -> bool:
-        """True for a ``/-`` line."""
-        return self.mount_point == "/-"
-
-
-def _resolve_map_name(name: str, master_dir: str) -> str | None:
-    for prefix in ("file:", "program:"):
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    if ":" in name or name.startswith("-"):
-        return None
-    if name.startswith("/"):
-        return name
-    for base in (master_dir, "/etc"):
-        candidate = os.path.join(base, name)
-        if os.path.exists(candidate):
-            return candidate
-    return os.path.join(master_dir, name)
-
-
-def parse_master_map(path: str) -> tuple[list[MasterEntry], list[MapWarning]]:
-    """Parse an auto.master file (and what it includes); bad lines become warnings.
-
-    The first line for a mount point wins; ``-null`` drops the lines before it.
-    """
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    entries: list[MasterEntry] = []
-    warnings: list[MapWarning] = []
-    _parse_master(text, path, (os.path.realpath(path),), entries, warnings)
-    for w in warnings:
-        log.warning("%s", w)
-    return entries, warnings
-
-
-def _include_master(
-    name: str,
-    path: str,
-    number: int,
-    *,
-    stack: tuple[str, ...],
-    entries: list[MasterEntry],
-    warnings: list[MapWarning],
-) -> None:
-    """A ``+name`` or ``+dir:DIR`` line of a master map."""
-    if name.startswith("dir:"):
-        directory = name[len("dir:") :]
-        try:
-            names = sorted(n for n in os.listdir(directory) if n.endswith(".autofs"))
-        except OSError as exc:
-            warnings.append(MapWarning(path, number, f"included directory {directory}: {exc}"))
-            return
-        targets = [os.path.join(directory, n) for n in names]
-    else:
-        target = _include_target(name, path)
-        if target is None:
-            warnings.append(
-                MapWarning(
-                    path, number, f"included master map {name!r}: only files can be included"
-                )
-            )
-            return
-        targets = [target]
-    for target in targets:
-        real = os.path.realpath(target)
-        if real in stack:
-            warnings.append(MapWarning(path, number, f"include loop: {_chain(stack, real)}"))
-            continue
-        if len(stack) >= MAX_INCLUDE_DEPTH:
-            warnings.append(
-                MapWarning(path, number, f"includes nested deeper than {MAX_INCLUDE_DEPTH}")
-            )
-            continue
-        try:
-            with open(target, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError as exc:
-            warnings.append(
-                MapWarning(path, number, f"included master map {target}: {exc.strerror}")
-            )
-            continue
-        _parse_master(text, target, (*stack, real), entries, warnings)
-
-
-def _parse_master(
-    text: str,
-    path: str,
-    stack: tuple[str, ...],
-    entries: list[MasterEntry],
-    warnings: list[MapWarning],
-) -> None:
-    master_dir = os.path.dirname(os.path.abspath(path))
-    for number, tokens in _token_lines(text, path, warnings):
-        if tokens[0].startswith("+"):
-            _include_master(
-                tokens[0][1:], path, number, stack=stack, entries=entries, warnings=warnings
-            )
-            continue
-        if len(tokens) < 2:
-            warnings.append(MapWarning(path, number, "a mount point with no map"))
-            continue
-        mount_point, name, rest = tokens[0], tokens[1], tokens[2:]
-        if not (mount_point == "/-" or mount_point.startswith("/")):
-            warnings.append(
-                MapWarning(path, number, f"mount point {mount_point!r} is not absolute")
-            )
-            continue
-        if name == "-null":
-            entries[:] = [e for e in entries if e.mount_point != mount_point]
-            continue
-        if mount_point != "/-" and any(
-            e.mount_point == os.path.normpath(mount_point) for e in entries
-        ):
-            warnings.append(
-                MapWarning(
-                    path, number, f"duplicate mount point {mount_point}: the first line is used"
-                )
-            )
-            continue
-        map_path = _resolve_map_name(name, master_dir)
-        if map_path is None:
-            warnings.append(MapWarning(path, number, f"map source {name!r} is not supported"))
-            continue
-        timeout: int | None = None
-        options: list[str] = []
-        strict = False
-        i = 0
-        try:
-            while i < len(rest):
-                tok = rest[i]
-                if tok.startswith("--timeout="):
-                    timeout = int(tok.split("=", 1)[1])
-                elif tok in ("--timeout", "-t"):
-                    i += 1
-                    timeout = int(rest[i])
-                elif tok == "strictexpire":
-                    strict = True
-                elif tok.startswith("--") or tok in ("browse", "nobrowse", "--ghost"):
-                    pass  # accepted, no effect here
-                elif tok.startswith("-"):
-                    options += _options(tok)
-                i += 1
-        except (ValueError, IndexError):
-            warnings.append(MapWarning(path, number, f"bad options {' '.join(rest)!r}"))
-            continue
-        entries.append(
-            MasterEntry(
-                os.path.normpath(mount_point) if mount_point != "/-" else "/-",
-                map_path,
-                timeout,
-                tuple(options),
-                strict,
-            )
-        )

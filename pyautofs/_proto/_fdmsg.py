@@ -46,6 +46,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import TypeAlias
 
+from ._errors import ProtocolError
+
 __all__ = [
     "SCM_MAX_FD",
     "ANC_MAX",
@@ -59,6 +61,7 @@ __all__ = [
     "MSG_TRUNC",
     "FdPassError",
     "FdMessageReader",
+    "Ancillary",
     "encode_message",
     "ancillary",
     "fds_from_ancdata",
@@ -123,7 +126,7 @@ _CMSG_ALIGN = struct.calcsize("@N")
 Ancillary: TypeAlias = "list[tuple[int, int, bytes]]"
 
 
-class FdPassError(OSError):
+class FdPassError(ProtocolError):
     """An fd message could not be received whole; no fd of it was left open."""
 
 

@@ -44,14 +44,16 @@ import base64
 import errno
 import json
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
+from .._proto._errors import FormatError
 from .._sys._autofs import AutofsControl
 from .._sys._mount import AutofsMode, AutofsOptions, MountFlags, UmountFlags, mount, umount2
-from .._sys._mountinfo import AutofsMount, MountInfo, PipeHolder, find_pipe_holders, read_mountinfo
+from .._sys._mountinfo import AutofsMount, MountInfo, PipeHolder, read_mountinfo
 from .._sys._pipes import pipe2
 from ._pipeimage import PipeImage, PipeImageError, snapshot_pipe
 
@@ -63,6 +65,11 @@ __all__ = [
     "AutofsMountImage",
     "list_autofs_mounts",
     "dump_autofs_mount",
+    "dump_autofs_mounts",
+    "autofs_images_to_bytes",
+    "autofs_images_from_bytes",
+    "write_autofs_images",
+    "read_autofs_images",
     "recreate_autofs_mount",
     "take_over_autofs_mount",
 ]
@@ -84,7 +91,7 @@ _MOUNT_FLAGS = {
 }
 
 
-class AutofsImageError(ValueError):
+class AutofsImageError(FormatError):
     """A serialised autofs mount image that this version of pyautofs cannot read."""
 
 
@@ -324,6 +331,93 @@ class AutofsMountImage:
         return cls.from_json(obj)
 
 
+_DUMP_FORMAT = "pyautofs.autofs-dump"
+_DUMP_VERSION = 1
+_MAX_IMAGE_FILE = 1 << 30
+
+
+def autofs_images_to_bytes(images: Sequence[AutofsMountImage]) -> bytes:
+    """One document holding several mount images (what ``pyautofs dump -o`` writes)."""
+    doc = {
+        "format": _DUMP_FORMAT,
+        "version": _DUMP_VERSION,
+        "mounts": [image.to_json() for image in images],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def autofs_images_from_bytes(raw: bytes | bytearray | memoryview) -> list[AutofsMountImage]:
+    """Parse :func:`autofs_images_to_bytes` output, or one :meth:`AutofsMountImage.to_bytes`.
+
+    Anything else raises :class:`AutofsImageError`.
+    """
+    try:
+        obj = json.loads(bytes(raw))
+    except ValueError as exc:
+        raise AutofsImageError(f"autofs image file is not JSON: {exc}") from None
+    if isinstance(obj, dict) and obj.get("format") == _FORMAT:
+        return [AutofsMountImage.from_json(obj)]
+    if not isinstance(obj, dict) or obj.get("format") != _DUMP_FORMAT:
+        raise AutofsImageError("not a pyautofs autofs image file")
+    if obj.get("version") != _DUMP_VERSION:
+        raise AutofsImageError(
+            f"autofs image file version {obj.get('version')!r} is not supported "
+            f"(this reads {_DUMP_VERSION})"
+        )
+    mounts = obj.get("mounts")
+    if not isinstance(mounts, list):
+        raise AutofsImageError("autofs image file: mounts must be a list")
+    return [AutofsMountImage.from_json(m) for m in mounts]
+
+
+def write_autofs_images(path: str | os.PathLike[str], images: Sequence[AutofsMountImage]) -> None:
+    """Write ``images`` to ``path``: mode 0600 (the pipe holds the names users looked up),
+    through a temporary file in the same directory renamed into place, so a reader never
+    sees half a file and a failed write leaves the old file as it was."""
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    data = autofs_images_to_bytes(images)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_autofs_images(path: str | os.PathLike[str]) -> list[AutofsMountImage]:
+    """Read what :func:`write_autofs_images` wrote (or one mount image's bytes).
+
+    Refuses anything that is not a regular file (a FIFO would block) with an ``OSError``,
+    and a file that is not an image with :class:`AutofsImageError`.
+    """
+    target = os.fspath(path)
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file, so not an image", target)
+        if st.st_size > _MAX_IMAGE_FILE:
+            raise OSError(errno.EFBIG, f"larger than {_MAX_IMAGE_FILE} bytes", target)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return autofs_images_from_bytes(b"".join(chunks))
+
+
 class _Reader:
     """Typed, checked access to one JSON object of an image."""
 
@@ -369,47 +463,86 @@ class _Reader:
 # -- inspecting ------------------------------------------------------------------------
 
 
-def _beneath(infos: Sequence[MountInfo], mount_id: int) -> tuple[BeneathMount, ...]:
-    """Every mount stacked on or below ``mount_id``, by walking parent ids."""
-    children: dict[int, list[MountInfo]] = {}
-    for info in infos:
-        children.setdefault(info.parent_id, []).append(info)
-    out: list[BeneathMount] = []
-    stack = [mount_id]
-    seen = {mount_id}
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child.mount_id in seen:
-                continue
-            seen.add(child.mount_id)
-            out.append(BeneathMount(child.mount_point, child.fstype, child.source))
-            stack.append(child.mount_id)
-    return tuple(out)
+def _scan_pipe_holders(inos: set[int]) -> dict[int, list[PipeHolder]]:
+    """One pass over ``/proc/*/fd``: every (process, fd) holding one of the pipes ``inos``.
 
-
-def _pipe_holder_pids(inos: set[int]) -> dict[int, list[int]]:
-    """One pass over ``/proc/*/fd``: which pids hold each of the pipes ``inos``."""
+    One ``readlink`` per fd on the machine, whatever the number of pipes asked for. Which
+    end an fd holds comes from the link's own mode (``lstat``: the owner's r/w bits mirror
+    the open file's access mode), one syscall instead of opening and parsing fdinfo.
+    Processes that vanish or deny access during the scan are skipped.
+    """
     links = {f"pipe:[{ino}]": ino for ino in inos}
-    found: dict[int, list[int]] = {}
+    found: dict[int, list[PipeHolder]] = {}
+    readlink = os.readlink
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        fd_dir = f"/proc/{name}/fd"
+        fd_dir = f"/proc/{name}/fd/"
         try:
             fds = os.listdir(fd_dir)
         except OSError:
             continue
-        hit: set[int] = set()
+        pid = int(name)
+        comm: str | None = None
+        pgrp = -1
         for fd in fds:
             try:
-                ino = links.get(os.readlink(f"{fd_dir}/{fd}"))
+                ino = links.get(readlink(fd_dir + fd))
+                if ino is None:
+                    continue
+                mode = os.lstat(fd_dir + fd).st_mode
             except OSError:
                 continue
-            if ino is not None:
-                hit.add(ino)
-        for ino in hit:
-            found.setdefault(ino, []).append(int(name))
+            if comm is None:
+                comm, pgrp = _comm_and_pgrp(pid)
+            end = _END.get(mode & (stat.S_IRUSR | stat.S_IWUSR), "unknown")
+            found.setdefault(ino, []).append(PipeHolder(pid, int(fd), end, comm, pgrp))
+    for holders in found.values():
+        holders.sort(key=lambda h: (h.pid, h.fd))
     return found
+
+
+_END = {stat.S_IRUSR: "read", stat.S_IWUSR: "write", stat.S_IRUSR | stat.S_IWUSR: "both"}
+
+
+def _comm_and_pgrp(pid: int) -> tuple[str, int]:
+    """The command name and process group of ``pid``, from one read of its stat file."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return "?", -1
+    # The command name (field 2) may hold spaces and parentheses: split at the last ")".
+    close = data.rindex(b")")
+    comm = data[data.index(b"(") + 1 : close].decode(errors="replace")
+    return comm, int(data[close + 2 :].split()[2])
+
+
+class _Tree:
+    """Mountinfo read once, indexed for any number of lookups."""
+
+    def __init__(self, infos: Sequence[MountInfo]) -> None:
+        self.infos = infos
+        self.children: dict[int, list[MountInfo]] = {}
+        self.autofs: dict[str, MountInfo] = {}
+        for info in infos:
+            self.children.setdefault(info.parent_id, []).append(info)
+            if info.fstype == "autofs":
+                self.autofs[info.mount_point] = info  # the last one is the topmost
+
+    def beneath(self, mount_id: int) -> tuple[BeneathMount, ...]:
+        """Every mount stacked on or below ``mount_id``, by walking parent ids."""
+        out: list[BeneathMount] = []
+        stack = [mount_id]
+        seen = {mount_id}
+        while stack:
+            for child in self.children.get(stack.pop(), ()):
+                if child.mount_id in seen:
+                    continue
+                seen.add(child.mount_id)
+                out.append(BeneathMount(child.mount_point, child.fstype, child.source))
+                stack.append(child.mount_id)
+        return tuple(out)
 
 
 def list_autofs_mounts(pid: int | str = "self") -> list[AutofsMountReport]:
@@ -417,21 +550,19 @@ def list_autofs_mounts(pid: int | str = "self") -> list[AutofsMountReport]:
 
     One scan of ``/proc/*/fd`` serves all mounts. Needs privilege to see other users' fds.
     """
-    infos = read_mountinfo(pid)
-    mounts = [(i, AutofsMount.from_mountinfo(i)) for i in infos if i.fstype == "autofs"]
+    tree = _Tree(read_mountinfo(pid))
+    mounts = [(i, AutofsMount.from_mountinfo(i)) for i in tree.infos if i.fstype == "autofs"]
     inos = {m.pipe_ino for _, m in mounts if m.pipe_ino is not None and m.pipe_ino >= 0}
-    pids = _pipe_holder_pids(inos) if inos else {}
+    holders_of = _scan_pipe_holders(inos) if inos else {}
     out = []
     for info, m in mounts:
-        holders: list[PipeHolder] = []
-        if m.pipe_ino is not None and m.pipe_ino in pids:
-            holders = find_pipe_holders(m.pipe_ino, pids[m.pipe_ino])
+        holders = holders_of.get(m.pipe_ino, []) if m.pipe_ino is not None else []
         out.append(
             AutofsMountReport(
                 mount=m,
                 readers=tuple(h for h in holders if h.end in ("read", "both")),
                 writers=tuple(h for h in holders if h.end in ("write", "both")),
-                beneath=_beneath(infos, info.mount_id),
+                beneath=tree.beneath(info.mount_id),
             )
         )
     return out
@@ -468,53 +599,89 @@ def dump_autofs_mount(
     when several processes hold the read end), records whether it kept a write end, and
     captures the pipe without consuming it. A catatonic mount, or one whose read end no
     process holds, is dumped without an owner and will be restored catatonic. Nothing about
-    the live mount changes.
+    the live mount changes. To dump several mounts, :func:`dump_autofs_mounts` reads
+    mountinfo and scans ``/proc`` once for all of them.
 
     Raises ``FileNotFoundError`` when no autofs mount is at ``path``, ``OSError(ENOTSUP)`` on
     a kernel whose mountinfo lacks ``pipe_ino`` (no CONFIG_CHECKPOINT_RESTORE), and
     ``LookupError`` when ``owner_pid`` holds no read end of the pipe.
     """
-    want = os.path.abspath(os.fspath(path))
-    infos = read_mountinfo()
-    found = [i for i in infos if i.fstype == "autofs" and i.mount_point == want]
-    if not found:
-        raise FileNotFoundError(errno.ENOENT, f"no autofs mount at {want}", want)
-    info = found[-1]
-    m = AutofsMount.from_mountinfo(info)
-    owner = None
-    pipe = None
-    holders: tuple[PipeHolder, ...] = ()
-    if not m.catatonic:
-        if m.pipe_ino is None:
+    return dump_autofs_mounts([path], owner_pid=owner_pid)[0]
+
+
+def dump_autofs_mounts(
+    paths: Iterable[str | os.PathLike[str]] | None = None, *, owner_pid: int | None = None
+) -> list[AutofsMountImage]:
+    """Capture several autofs mounts (default: every one visible), in the order given.
+
+    Each is captured as :func:`dump_autofs_mount` would, with the same errors, but
+    mountinfo is read once and ``/proc/*/fd`` scanned once for the whole batch. With
+    ``paths=None`` and ``owner_pid``, only the mounts whose read end ``owner_pid`` holds
+    are dumped (all of one daemon's mounts).
+    """
+    tree = _Tree(read_mountinfo())
+    if paths is None:
+        infos = list(tree.autofs.values())
+    else:
+        infos = []
+        for path in paths:
+            want = os.path.abspath(os.fspath(path))
+            info = tree.autofs.get(want)
+            if info is None:
+                raise FileNotFoundError(errno.ENOENT, f"no autofs mount at {want}", want)
+            infos.append(info)
+    mounts = [AutofsMount.from_mountinfo(info) for info in infos]
+    for m in mounts:
+        if not m.catatonic and m.pipe_ino is None:
             raise OSError(
                 errno.ENOTSUP,
-                f"{want}: mountinfo has no pipe_ino= (kernel without "
+                f"{m.mount_point}: mountinfo has no pipe_ino= (kernel without "
                 "CONFIG_CHECKPOINT_RESTORE), so the pipe's owner cannot be found",
             )
-        holders = tuple(find_pipe_holders(m.pipe_ino))
-        chosen = _choose_owner(holders, m.pgrp, owner_pid)
-        if chosen is None and owner_pid is not None:
-            raise LookupError(f"pid {owner_pid} holds no read end of {want}'s pipe")
-        if chosen is not None:
-            writes = [h.fd for h in holders if h.pid == chosen.pid and h.end == "write"]
-            # Reopen the owner's read end: a new reader of the same pipe, for tee.
-            fd = os.open(
-                f"/proc/{chosen.pid}/fd/{chosen.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-            )
-            try:
-                pipe = snapshot_pipe(fd, packet=True)  # autofs pipes are always packetised
-            finally:
-                os.close(fd)
-            nonblock = bool(_fd_status_flags(chosen.pid, chosen.fd) & os.O_NONBLOCK)
-            pipe = attrs.evolve(pipe, nonblock=nonblock)
-            owner = AutofsOwner(
-                pid=chosen.pid,
-                pgrp=chosen.pgrp,
-                comm=chosen.comm,
-                read_fd=chosen.fd,
-                write_fd=min(writes) if writes else None,
-                read_nonblock=nonblock,
-            )
+    inos = {m.pipe_ino for m in mounts if not m.catatonic and m.pipe_ino is not None}
+    holders_of = _scan_pipe_holders(inos) if inos else {}
+    out = []
+    for info, m in zip(infos, mounts, strict=True):
+        holders = () if m.catatonic else tuple(holders_of.get(m.pipe_ino or -1, ()))
+        chosen = None if m.catatonic else _choose_owner(holders, m.pgrp, owner_pid)
+        if chosen is None and owner_pid is not None and not m.catatonic:
+            if paths is None:
+                continue  # not one of owner_pid's mounts
+            raise LookupError(f"pid {owner_pid} holds no read end of {m.mount_point}'s pipe")
+        if paths is None and owner_pid is not None and m.catatonic:
+            continue
+        out.append(_image(m, holders, chosen, tree.beneath(info.mount_id)))
+    return out
+
+
+def _image(
+    m: AutofsMount,
+    holders: tuple[PipeHolder, ...],
+    chosen: PipeHolder | None,
+    beneath: tuple[BeneathMount, ...],
+) -> AutofsMountImage:
+    owner = None
+    pipe = None
+    if chosen is not None:
+        writes = [h.fd for h in holders if h.pid == chosen.pid and h.end == "write"]
+        # Reopen the owner's read end: a new reader of the same pipe, for tee.
+        fd = os.open(
+            f"/proc/{chosen.pid}/fd/{chosen.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+        try:
+            pipe = snapshot_pipe(fd, packet=True)  # autofs pipes are always packetised
+        finally:
+            os.close(fd)
+        nonblock = bool(_fd_status_flags(chosen.pid, chosen.fd) & os.O_NONBLOCK)
+        pipe = attrs.evolve(pipe, nonblock=nonblock)
+        owner = AutofsOwner(
+            pid=chosen.pid,
+            pgrp=chosen.pgrp,
+            comm=chosen.comm,
+            read_fd=chosen.fd,
+            write_fd=min(writes) if writes else None,
+            read_nonblock=nonblock,
+        )
     return AutofsMountImage(
         mount_point=m.mount_point,
         mode=m.mode,
@@ -535,7 +702,7 @@ def dump_autofs_mount(
         owner=owner,
         holders=holders,
         pipe=pipe,
-        beneath=_beneath(infos, info.mount_id),
+        beneath=beneath,
     )
 
 

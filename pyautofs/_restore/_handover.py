@@ -30,16 +30,16 @@ import errno
 import fcntl
 import json
 import os
-import select
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import attrs
 
+from .._proto._errors import ProtocolError
 from .._sys._autofs import AutofsControl
-from .._sys._scm import recv_fds, send_fds
+from .._sys._scm import recv_fds, recv_protocol, run_blocking, send_fds, send_protocol
 from ._autofs import take_over_autofs_mount
 from ._install import install_fds
 
@@ -53,6 +53,7 @@ __all__ = [
     "receive_handover",
     "adopt_handover",
     "accept_handover",
+    "handover_targets",
     "send_confirmation",
     "wait_confirmation",
 ]
@@ -64,6 +65,52 @@ _VERSION = 1
 # -- fd transport: one message carries any number of fds (pyautofs/_sys/_scm.py) --------
 _send_fds = send_fds
 _recv_fds = recv_fds
+
+
+def _left(deadline: float, timeout: float | None, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{what}: not done within {timeout} s")
+    return left
+
+
+def _run_until(
+    gen: Generator[Callable[[], Any], Any, Any],
+    sock: socket.socket,
+    deadline: float | None,
+    timeout: float | None,
+    what: str,
+) -> Any:
+    """Run one fd-message protocol generator, every syscall bounded by ``deadline``.
+
+    A message may span several records (more than 253 fds, or more than 4 KiB of data). A
+    peer that stops half way through one would block a plain ``recv_fds``/``send_fds``
+    forever, however long the caller was willing to wait for the *first* record, so each
+    step gets what is left of the one deadline as the socket's timeout. A step that fails
+    (the deadline included) is thrown into the generator, which closes every fd it received
+    for the message before the error propagates.
+    """
+    if deadline is None:
+        return run_blocking(gen)
+    saved = sock.gettimeout()
+    try:
+        step = next(gen)
+        while True:
+            try:
+                sock.settimeout(_left(deadline, timeout, what))
+                result = step()
+            except TimeoutError:  # socket.timeout is TimeoutError
+                step = gen.throw(TimeoutError(f"{what}: not done within {timeout} s"))
+                continue
+            except BaseException as exc:
+                step = gen.throw(exc)
+                continue
+            step = gen.send(result)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()
+        sock.settimeout(saved)
 
 
 # -- items -----------------------------------------------------------------------------
@@ -103,7 +150,7 @@ class AutofsHandover:
 HandoverItem = PipeHandover | AutofsHandover
 
 
-class HandoverFailed(OSError):
+class HandoverFailed(ProtocolError):
     """The owner process could not adopt what it was sent; ``errno`` is its error."""
 
 
@@ -158,33 +205,45 @@ def _decode(data: bytes) -> list[HandoverItem]:
 # -- coordinator side ------------------------------------------------------------------
 
 
-def send_handover(sock: socket.socket, items: Sequence[HandoverItem], fds: Sequence[int]) -> None:
+def send_handover(
+    sock: socket.socket,
+    items: Sequence[HandoverItem],
+    fds: Sequence[int],
+    *,
+    timeout: float | None = None,
+    deadline: float | None = None,
+) -> None:
     """Send ``items`` and their ``fds`` (in item order) to an owner in one message.
 
     The caller keeps its copies of ``fds``: close them once sent (a systemd-style mount
     needs every write end outside the kernel closed for EOF to mean "catatonic").
+    ``timeout`` (seconds) or ``deadline`` (``time.monotonic()`` value) bounds the whole
+    send, every record of it: ``TimeoutError`` when an owner stops reading.
     """
     want = sum(item.fd_count() for item in items)
     if len(fds) != want:
         raise ValueError(f"{len(items)} handover items need {want} fds, got {len(fds)}")
-    _send_fds(sock, list(fds), _encode(items))
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
+    gen = send_protocol(sock, list(fds), _encode(items))
+    _run_until(gen, sock, deadline, timeout, "sending the handover")
 
 
-def wait_confirmation(sock: socket.socket, timeout: float | None = 30.0) -> dict[str, Any]:
+def wait_confirmation(
+    sock: socket.socket, timeout: float | None = 30.0, *, deadline: float | None = None
+) -> dict[str, Any]:
     """Wait for the owner's reply; raise :class:`HandoverFailed` if it reports an error.
 
-    ``timeout`` (seconds) bounds the wait: ``TimeoutError`` when it passes.
+    ``timeout`` (seconds from now) or ``deadline`` (a ``time.monotonic()`` value, which
+    wins) bounds the whole reply, not just its first record: an owner that stops half way
+    through a reply that spans several records gets ``TimeoutError`` too.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        readable, _, _ = select.select([sock], [], [], left)
-        if readable:
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no handover confirmation within {timeout} s")
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
     try:
-        data, fds = _recv_fds(sock)
+        data, fds = _run_until(
+            recv_protocol(sock), sock, deadline, timeout, "waiting for the handover confirmation"
+        )
     except EOFError:
         data, fds = b"", []
     for fd in fds:
@@ -235,6 +294,18 @@ def receive_handover(sock: socket.socket) -> tuple[list[HandoverItem], list[int]
             os.close(fd)
         raise
     return items, fds
+
+
+def handover_targets(items: Sequence[HandoverItem]) -> set[int]:
+    """Every fd number ``items`` may install something at (temporary places included)."""
+    out: set[int] = set()
+    for item in items:
+        for t in (item.read_target, item.write_target):
+            if t is not None:
+                out.add(t)
+        if isinstance(item, AutofsHandover) and item.temp_write_target is not None:
+            out.add(item.temp_write_target)
+    return out
 
 
 def _offsets(items: Sequence[HandoverItem]) -> list[int]:

@@ -6,18 +6,27 @@ over, and :mod:`pyautofs._restore._handover` for how an owner process receives i
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+from collections.abc import Sequence
 
 import attrs
 
 from .._sys._autofs import AutofsControl
 from .._sys._mount import UmountFlags, umount2
+from .._sys._mountinfo import autofs_mounts
 from ._autofs import AutofsMountImage, recreate_autofs_mount, take_over_autofs_mount
 from ._handover import AutofsHandover, send_handover, wait_confirmation
 from ._pipeimage import PipeImage, restore_pipe
 
-__all__ = ["RestoredAutofsMount", "restore_autofs_mount", "autofs_pipe_image", "handover_for"]
+__all__ = [
+    "RestoredAutofsMount",
+    "restore_autofs_mount",
+    "restore_autofs_mounts",
+    "autofs_pipe_image",
+    "handover_for",
+]
 
 _DEFAULT_PIPE = PipeImage(size=65536, packet_mode=True)
 
@@ -116,6 +125,46 @@ def restore_autofs_mount(
     finally:
         if control is None:
             own.close()
+
+
+def restore_autofs_mounts(
+    images: Sequence[AutofsMountImage], *, control: AutofsControl | None = None
+) -> list[RestoredAutofsMount]:
+    """Rebuild several mounts for this process (``owner=None``), all or none.
+
+    Each mount point must hold no autofs mount (``FileExistsError`` otherwise: a live or
+    orphaned mount there is adopted, not restored); a missing mount point directory is
+    made (mode 0755, parents too) and left in place. Every result has ``read_fd`` (for an
+    owner image) and no ``write_fd``: the write ends are closed, so the kernel's own one is
+    the last. If one fails, the mounts already rebuilt are detached and their fds closed.
+    """
+    own = control if control is not None else AutofsControl.open()
+    done: list[RestoredAutofsMount] = []
+    try:
+        live = {m.mount_point for m in autofs_mounts()}
+        for image in images:
+            target = os.path.abspath(image.mount_point)
+            if target in live:
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "an autofs mount is already there (serve adopts it: no image needed)",
+                    target,
+                )
+            # A new machine (or an owner that removed it at exit) may lack the directory.
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            closed = attrs.evolve(image.owner, write_fd=None) if image.owner else None
+            r = restore_autofs_mount(attrs.evolve(image, owner=closed), control=own)
+            done.append(r)
+    except BaseException:
+        for r in done:
+            if r.read_fd is not None:
+                os.close(r.read_fd)
+            umount2(r.mount_point, UmountFlags.DETACH)
+        raise
+    finally:
+        if control is None:
+            own.close()
+    return done
 
 
 def _hand_over(

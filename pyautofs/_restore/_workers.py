@@ -15,6 +15,16 @@ handovers until the coordinator closes the socket. SETPIPEFD makes the worker's 
 group* the owner of its mounts, so a worker meant to own mounts usually runs in its own
 session (:func:`start_worker` does that by default); lookups from that group never trigger.
 
+**A worker's own fds.** A worker holds fds of its own: its socket, ``/dev/autofs`` and its
+stdio, usually at 0 to 4, exactly where a restored daemon's pipe usually was. Before it
+installs a handover, the worker moves every one of them above the handover's highest target
+(:class:`WorkerFds`), as CRIU's restorer does, so targets may be any numbers. Overwriting
+them instead (``replace=True``) would cut the worker off from its own socket or device.
+
+**Deadlines.** A message may span several records (more than 253 fds, or a reply listing
+thousands of mounts). ``timeout`` bounds the coordinator's whole exchange, every record of
+every send and reply, so a worker that stops half way cannot hang the coordinator.
+
 Cost per autofs mount is a handful of syscalls on each side: pipe2 + F_SETPIPE_SZ, mount,
 stat, OPENMOUNT, TIMEOUT, CATATONIC and closes in the coordinator; dup3 x2, OPENMOUNT and
 SETPIPEFD in the worker; the fds travel 253 to a message.
@@ -22,12 +32,16 @@ SETPIPEFD in the worker; the fds travel 253 to a message.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import resource
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -38,7 +52,9 @@ from ._handover import (
     Adopted,
     HandoverItem,
     PipeHandover,
-    accept_handover,
+    adopt_handover,
+    handover_targets,
+    receive_handover,
     send_confirmation,
     send_handover,
     wait_confirmation,
@@ -54,6 +70,7 @@ __all__ = [
     "run_worker",
     "start_worker",
     "WorkerProcess",
+    "WorkerFds",
 ]
 
 
@@ -143,10 +160,17 @@ def restore_to_workers(
     """Rebuild every job and hand it to its worker; return once every worker confirmed.
 
     ``assignments`` pairs each worker's socket (the coordinator's end of a SOCK_SEQPACKET
-    unix socket) with its jobs. On any failure, every mount this call recreated is detached
-    again, every fd it made is closed, and the error (``HandoverFailed`` for a worker's
-    error, ``TimeoutError`` after ``timeout`` seconds) is raised.
+    unix socket) with its jobs. Targets may be any fd numbers (0 to 1023 and beyond, up to
+    the worker's hard RLIMIT_NOFILE): a worker moves its own fds out of their way first.
+
+    ``timeout`` bounds the whole call, every worker's send and confirmation included, even
+    a worker that stops reading, or stops half way through its reply. On any failure, every
+    mount this call recreated is detached again, every fd it made is closed, and the error
+    (``HandoverFailed`` for a worker's error, ``TimeoutError`` once ``timeout`` seconds have
+    passed) is raised; a worker that timed out may be in the middle of a message, so close
+    it (:meth:`WorkerProcess.close`) rather than reuse its socket.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     own = control if control is not None else AutofsControl.open()
     batches = [_Batch(sock) for sock, _ in assignments]
     per_batch: list[list[RestoredAutofsMount]] = []
@@ -158,7 +182,9 @@ def restore_to_workers(
         t1 = time.perf_counter()
         for batch in batches:
             try:
-                send_handover(batch.sock, batch.items, batch.fds)
+                send_handover(
+                    batch.sock, batch.items, batch.fds, timeout=timeout, deadline=deadline
+                )
             finally:
                 for fd in batch.fds:
                     os.close(fd)
@@ -167,7 +193,7 @@ def restore_to_workers(
         mounts: list[RestoredAutofsMount] = []
         pipe_inodes: list[int] = []
         for batch, results in zip(batches, per_batch, strict=True):
-            reply = wait_confirmation(batch.sock, timeout)
+            reply = wait_confirmation(batch.sock, timeout, deadline=deadline)
             inos = [entry.get("pipe_ino") for entry in reply["items"]]
             live = iter(batch.mounts)
             for res in results:
@@ -200,19 +226,141 @@ def restore_to_workers(
 # -- workers ---------------------------------------------------------------------------
 
 
-def run_worker(sock: socket.socket, *, replace: bool = False) -> list[Adopted]:
+def _dup_above(fd: int, floor: int) -> int:
+    """A close-on-exec copy of ``fd`` at a number >= ``floor``, raising RLIMIT_NOFILE's soft
+    limit toward the hard one when there is no room up there."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EMFILE):
+            raise
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > floor + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if soft != hard:
+            return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+    raise OSError(
+        errno.EMFILE,
+        f"no free fd above {floor - 1} to move this worker's own fd {fd} to "
+        f"(RLIMIT_NOFILE {soft}/{hard})",
+    )
+
+
+_STDIO = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))
+
+
+@attrs.define
+class WorkerFds:
+    """The fds a worker holds for itself: its socket, ``/dev/autofs`` and (for a worker
+    process of its own) its stdio.
+
+    :meth:`make_room` moves every one of them above the highest target of a handover
+    before anything is installed, as CRIU's restorer does with its own fds, so a handover
+    may name any fd number (0, 1, 2, 3 and 4 included) without colliding with the worker.
+    The objects are replaced by ones on the new numbers; the old numbers are closed.
+    """
+
+    sock: socket.socket
+    control: AutofsControl
+    stdio: bool = False
+    """Move ``sys.stdin``/``stdout``/``stderr`` too (and rebind them to the new fds). Only
+    for a process that does nothing but work for its coordinator."""
+
+    def numbers(self) -> list[int]:
+        """The fd numbers the worker holds now."""
+        out = [self.sock.fileno(), self.control.fd]
+        if self.stdio:
+            out += [fd for fd in map(_stream_fd, (sys.stdin, sys.stdout, sys.stderr)) if fd >= 0]
+        return out
+
+    def make_room(self, highest: int) -> None:
+        """Move every fd of the worker that is at or below ``highest`` above it."""
+        floor = highest + 1
+        if self.sock.fileno() <= highest:
+            old_sock = self.sock
+            self.sock = socket.socket(fileno=_dup_above(old_sock.fileno(), floor))
+            old_sock.close()
+        if self.control.fd <= highest:
+            old_control = self.control
+            self.control = AutofsControl(_dup_above(old_control.fd, floor))
+            old_control.close()
+        if not self.stdio:
+            return
+        for name, mode in _STDIO:
+            stream = getattr(sys, name)
+            fd = _stream_fd(stream)
+            if fd < 0 or fd > highest:
+                continue
+            if mode == "w":
+                stream.flush()
+            moved = _dup_above(fd, floor)
+            # Line-buffered text on the moved fd, as the interpreter makes stderr.
+            replacement = open(  # noqa: SIM115 - lives on as sys.<name>
+                moved,
+                mode,
+                buffering=1 if mode == "w" else -1,
+                encoding=stream.encoding,
+                errors=stream.errors,
+                closefd=True,
+            )
+            setattr(sys, name, replacement)
+            setattr(sys, f"__{name}__", replacement)
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the socket and ``/dev/autofs`` (stdio is left alone)."""
+        self.sock.close()
+        self.control.close()
+
+
+def _stream_fd(stream: Any) -> int:
+    try:
+        fd: int = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return -1
+    return fd
+
+
+def run_worker(
+    sock: socket.socket,
+    *,
+    replace: bool = False,
+    stdio: bool = False,
+    control: AutofsControl | None = None,
+) -> list[Adopted]:
     """Take handovers on ``sock`` until the coordinator closes it; return what was adopted.
 
-    Each handover is installed, taken over and confirmed (:func:`accept_handover`); an error
-    is confirmed to the coordinator and then raised here.
+    For each handover the worker first moves its own fds (``sock``, the ``/dev/autofs`` fd
+    it opens, and its stdio with ``stdio=True``) above the highest target
+    (:meth:`WorkerFds.make_room`), then installs, takes over and confirms
+    (:func:`adopt_handover`); an error is confirmed to the coordinator and then raised here.
+    ``sock`` is detached (its fd number may move), and ``control`` (default: a fresh open of
+    ``/dev/autofs``) is the worker's from then on: both are closed before this returns.
     """
     adopted: list[Adopted] = []
-    with AutofsControl.open() as control:
+    own = WorkerFds(
+        socket.socket(fileno=sock.detach()),
+        AutofsControl.open() if control is None else control,
+        stdio,
+    )
+    try:
         while True:
             try:
-                adopted += accept_handover(sock, replace=replace, control=control)
+                items, fds = receive_handover(own.sock)
             except EOFError:
                 return adopted
+            try:
+                targets = handover_targets(items)
+                if targets:
+                    own.make_room(max(targets))
+                got = adopt_handover(items, fds, replace=replace, control=own.control)
+            except Exception as exc:
+                send_confirmation(own.sock, None, exc)
+                raise
+            send_confirmation(own.sock, got)
+            adopted += got
+    finally:
+        own.close()
 
 
 @attrs.define
@@ -288,12 +436,13 @@ def _main(argv: Sequence[str]) -> int:
     try:
         send_confirmation(sock, [])  # hello: started and ready for handovers
         # Holds what it adopted until the coordinator closes the socket, then exits (and so
-        # drops them). A worker that serves its mounts would read its pipes instead.
-        run_worker(sock)
+        # drops them). A worker that serves its mounts would read its pipes instead. Nothing
+        # but this runs here, so its stdio may move out of the way of targets 0, 1 and 2.
+        run_worker(sock, stdio=True)
     except KeyboardInterrupt:
         return 130
     finally:
-        sock.close()
+        sock.close()  # a no-op once run_worker detached it
     return 0
 
 

@@ -34,7 +34,9 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from functools import partial
+from typing import Any, TypeAlias
 
 from .._proto._fdmsg import (
     ANC_MAX,
@@ -44,6 +46,7 @@ from .._proto._fdmsg import (
     MSG_CTRUNC,
     MSG_TRUNC,
     SCM_MAX_FD,
+    Ancillary,
     FdMessageReader,
     FdPassError,
     ancillary,
@@ -63,6 +66,10 @@ __all__ = [
     "recv_fds_many",
     "close_fds",
     "read_available",
+    "Step",
+    "send_protocol",
+    "recv_protocol",
+    "run_blocking",
     "is_stream",
     "peer_credentials",
     "PeerCredentials",
@@ -147,6 +154,79 @@ def _read_once(sock: socket.socket, reader: FdMessageReader, flags: int) -> None
         min(reader.wanted(), _BIG_READ), ANC_MAX, MSG_CMSG_CLOEXEC | flags
     )
     reader.feed(msg, fds_from_ancdata(anc) if anc else [], mflags)
+
+
+# -- the protocol as a generator of syscalls, for callers that run each step themselves ---
+
+Step: TypeAlias = Callable[[], Any]
+"""One syscall of a message, as a thunk: :func:`send_protocol` and :func:`recv_protocol`
+yield them, and take each one's result back (or an exception thrown in)."""
+
+
+def send_protocol(
+    sock: socket.socket, fds: Sequence[int], data: bytes
+) -> Generator[Step, Any, None]:
+    """The syscalls that send one message, as a generator of :data:`Step`.
+
+    For callers that bound each syscall themselves (a deadline over the whole message, as
+    the restore handover does); :func:`run_blocking` runs it plainly.
+    """
+    stream = is_stream(sock)
+    for payload, record_fds in encode_message(fds, data, stream):
+        anc = ancillary(record_fds)
+        view = memoryview(payload)
+        while view:
+            if anc:
+                sent = yield partial(sock.sendmsg, (view,), anc)
+            else:
+                sent = yield partial(sock.send, view)
+            if sent < len(view) and not stream:
+                raise FdPassError(
+                    errno.EMSGSIZE, f"sendmsg sent {sent} of {len(view)} bytes of a record"
+                )
+            anc = []  # the fds went with the first byte
+            view = view[sent:]
+
+
+def recv_protocol(
+    sock: socket.socket, first: tuple[bytes, Ancillary, int] | None = None
+) -> Generator[Step, Any, tuple[bytes, list[int]]]:
+    """The syscalls that receive one message, as a generator of :data:`Step`; returns
+    ``(data, fds)``. ``first`` is the first record's (data, ancdata, flags) if the caller
+    already read it. Whatever ends it early (an error, one thrown in, ``close()``) closes
+    every fd received for the message first.
+    """
+    reader = FdMessageReader(is_stream(sock))
+    try:
+        if first is not None:
+            msg, anc, flags = first
+            reader.feed(msg, fds_from_ancdata(anc), flags)
+        while not reader.has_message():
+            msg, anc, flags, _ = yield partial(
+                sock.recvmsg, min(reader.wanted(), _BIG_READ), ANC_MAX, MSG_CMSG_CLOEXEC
+            )
+            reader.feed(msg, fds_from_ancdata(anc) if anc else [], flags)
+        message = reader.next_message()
+    except BaseException:
+        close_fds(reader.abort())
+        raise
+    assert message is not None
+    return message
+
+
+def run_blocking(gen: Generator[Step, Any, Any]) -> Any:
+    """Run a protocol generator with plain (blocking) syscalls; return what it returns."""
+    try:
+        step = next(gen)
+        while True:
+            try:
+                result = step()
+            except BaseException as exc:
+                step = gen.throw(exc)
+                continue
+            step = gen.send(result)
+    except StopIteration as stop:
+        return stop.value
 
 
 # -- receiving many ------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""``pyautofs criu-hook``: CRIU's ``--action-script`` for a tree that runs ``pyautofs serve``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .._restore._quiesce import ControlError, control_request, find_control_sockets
+
+_DESCRIPTION = """\
+Run by CRIU (criu dump/restore --action-script) around a checkpoint of a process tree that
+runs 'pyautofs serve'. CRIU cannot freeze a thread that waits inside the autofs EXPIRE
+ioctl, so before the dump every serve in the tree pauses expiry and answers only once no
+EXPIRE ioctl is in flight; after a restore (or after a dump that leaves the tree running)
+expiry resumes. CRIU says what is happening in CRTOOLS_SCRIPT_ACTION and which tree in
+CRTOOLS_INIT_PID; serve is reached through its control socket, found from that tree
+(/proc/PID/net/unix, reached through /proc/PID/root). Actions:
+
+  pre-dump, pre-stream     pause expiry, wait until it is paused (a failure aborts the dump)
+  post-dump                resume expiry once the tree runs again (with --leave-running)
+  post-restore             resume expiry once the restored tree runs
+  post-resume              resume expiry, and wait for the answer
+  anything else            nothing
+
+A pause lasts --lease seconds at most, for a dump that fails (CRIU then runs no post-dump).
+CRIU runs the action script without arguments: point --action-script at a two-line wrapper,
+'#!/bin/sh' and 'exec pyautofs criu-hook "$@"'."""
+
+_EXAMPLES = """\
+examples:
+  pyautofs criu-hook                          as CRIU runs it (reads CRTOOLS_SCRIPT_ACTION)
+  pyautofs criu-hook --pid 1234 pause         pause expiry in every serve of tree 1234
+  pyautofs criu-hook --pid 1234 resume        and resume it
+  pyautofs criu-hook --pid 1234 status        what each serve of tree 1234 says
+"""
+
+_PAUSE = ("pre-dump", "pre-stream")
+_RESUME_LATER = ("post-dump", "post-restore")
+_RESUME_NOW = ("post-resume",)
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``pyautofs criu-hook``."""
+    p = sub.add_parser(
+        "criu-hook",
+        help="CRIU action script: pause serve's expiry for a dump, resume it after",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("pause", "resume", "status"),
+        help="do this instead of what CRTOOLS_SCRIPT_ACTION says",
+    )
+    p.add_argument(
+        "--pid", type=_positive_int, help="the tree's root pid (default: CRTOOLS_INIT_PID)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds to wait for serve to pause (default 30)",
+    )
+    p.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=300.0,
+        help="seconds after which a pause ends by itself (default 300)",
+    )
+    p.set_defaults(func=main)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``pyautofs criu-hook``."""
+    action = args.action or os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
+    if action in _PAUSE or action == "pause":
+        request, wait = f"pause-expiry {args.lease:g}", True
+    elif action in _RESUME_LATER:
+        request, wait = "resume-expiry", False
+    elif action in _RESUME_NOW or action == "resume":
+        request, wait = "resume-expiry", True
+    elif action == "status":
+        request, wait = "status", True
+    elif not action:
+        print(
+            "pyautofs criu-hook: no action: CRTOOLS_SCRIPT_ACTION is not set (CRIU sets it), "
+            "and none was given",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        return 0  # an action that does not concern serve
+    pid = args.pid
+    if pid is None:
+        text = os.environ.get("CRTOOLS_INIT_PID", "")
+        if not text.isdigit():
+            print(
+                "pyautofs criu-hook: no tree: CRTOOLS_INIT_PID is not set (give --pid)",
+                file=sys.stderr,
+            )
+            return 2
+        pid = int(text)
+    found = find_control_sockets([pid])
+    if not found:
+        print(f"pyautofs criu-hook: {action}: no pyautofs serve in process tree {pid}")
+        return 0
+    status = 0
+    for holder, path in found:
+        try:
+            reply = control_request(
+                request, path, pid=holder, timeout=args.timeout, wait_reply=wait
+            )
+        except (ControlError, OSError) as exc:
+            print(f"pyautofs criu-hook: {action}: serve pid {holder}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        said = reply.removeprefix("ok ") if wait else f"{request} queued"
+        print(f"pyautofs criu-hook: {action}: serve pid {holder}: {said}")
+    return status
