@@ -821,12 +821,7 @@ class MapServer:
         for mp, amap in fresh.items():
             if mp in self.maps and self.maps[mp] is current[mp]:
                 self.maps[mp] = amap
-        clear_negative = getattr(self.automounter, "clear_negative", None)
-        if callable(clear_negative):
-            clear_negative()
-        else:  # an engine from before clear_negative(): the same, by hand
-            for m in getattr(self.automounter, "_mounts", {}).values():
-                getattr(m, "negative", {}).clear()
+        self.automounter.clear_negative()
         log.info("maps re-read; failed lookups forgotten")
 
     async def reload_master(self) -> None:
