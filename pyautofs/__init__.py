@@ -35,6 +35,10 @@ from ._maps._types import MapWarning as MapWarning
 from ._maps._types import MountSpec as MountSpec
 from ._maps._types import OffsetMount as OffsetMount
 
+# -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
+from ._proto._errors import FormatError as FormatError
+from ._proto._errors import ProtocolError as ProtocolError
+
 # -- checkpoint/restore (_restore)
 from ._restore._autofs import AutofsImageError as AutofsImageError
 from ._restore._autofs import AutofsMountImage as AutofsMountImage
@@ -76,6 +80,8 @@ __all__ = [
     "ExpireHandler",
     "MountHandler",
     "MountPointBusyError",
+    "FormatError",
+    "ProtocolError",
     "FdChannel",
     "bind_mount",
     "mount_tmpfs",

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from pyautofs import load_map, parse_master_map
 from pyautofs._maps._ldap import (
     RFC2307,
     RFC2307BIS,
@@ -59,6 +60,7 @@ def directory_entries(exports: str) -> str:
         )
         + automount_map_ldif("auto.star", {"*": f":{exports}/&", "gamma": f":{exports}/alpha"})
         + automount_map_ldif("auto.nis", {"alpha": f":{exports}/beta"}, schema="rfc2307")
+        + automount_map_ldif("auto.incl", {"/mnt/from-ldap": f"ldap:{TEST_DN} --timeout=5"})
     )
 
 
@@ -188,6 +190,25 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         assert next(iter(pool._by_uris.values())).connection is conn
     finally:
         pool.close()
+
+
+def test_a_file_master_map_includes_one_from_ldap(slapd: Slapd, tmp_path: Path) -> None:
+    """``+ldap://server/DN`` in auto.master: that master map's lines, read from LDAP."""
+    master = tmp_path / "auto.master"
+    master.write_text(
+        f"/mnt/local /etc/auto.local\n+{slapd.ldap_uri}/automountMapName=auto.incl,{SUFFIX}\n"
+    )
+    entries, warnings = parse_master_map(str(master))
+    assert not warnings
+    assert [(e.mount_point, e.map_path, e.timeout) for e in entries] == [
+        ("/mnt/local", "/etc/auto.local", None),
+        ("/mnt/from-ldap", f"{slapd.ldap_uri}/{TEST_DN}", 5),
+    ]
+    # A file map cannot include an LDAP map (its lookups would block): a warning.
+    amap = tmp_path / "auto.x"
+    amap.write_text(f"a :/a\n+{slapd.ldap_uri}/{TEST_DN}\n")
+    m = load_map(str(amap))
+    assert [w.line for w in m.warnings] == [2]  # type: ignore[union-attr]
 
 
 async def test_concurrent_lookups_share_one_connection(slapd: Slapd) -> None:

@@ -33,7 +33,14 @@ def test_ldap_bench_quick(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    variants = {"pyautofs ldapi", "pyautofs ldap", "pyautofs file", "automount ldap"}
+    variants = {
+        "pyautofs ldapi",
+        "pyautofs ldap",
+        "pyautofs file",
+        "automount ldap",
+        "pyautofs ldap 1ms",
+        "automount ldap 1ms",
+    }
     phases = {r["phase"] for r in rows}
     assert phases == {"new key", "single client", "concurrent x100"}
     for phase in phases:

@@ -42,6 +42,8 @@ from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from typing import Any, TypeAlias
 
+from .._proto._errors import ProtocolError
+
 __all__ = [
     "parse_single_record",
     "first_record_size",
@@ -86,7 +88,7 @@ _sock_type: Callable[[socket.socket], int] = _socket.socket.type.__get__
 _EMPTY_HEADERS = [_HEADER.pack(_MAGIC, _VERSION, _FLAG_INLINE, n, 0) for n in range(SCM_MAX_FD + 1)]
 
 
-class FdPassError(OSError):
+class FdPassError(ProtocolError):
     """An fd message could not be received whole; no fd of it was left open."""
 
 
