@@ -123,14 +123,16 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
                 printable(e.map_path),
             )
             continue
+        seen = {mc.mount_point for mc in out}
         for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
-            if any(mc.mount_point == key for mc in out):
+            if key in seen:
                 log.warning(
                     "%s: %s is in two maps; the first one serves it",
                     printable(master),
                     printable(key),
                 )
                 continue
+            seen.add(key)
             out.append(MountConfig(key, e.map_path, True, timeout, e.options, e.strictexpire))
     return out
 
@@ -470,15 +472,27 @@ class MapServer:
         self._failure_log = _RateLimit()
         self.created_parents: list[str] = []
         """Directories made for mount points' parents, removed again at exit (if empty)."""
+        # The direct mounts of one map share its parse: loading it once per mount point
+        # would cost O(N^2) time and memory for N direct mounts.
+        self._loading: dict[tuple[str, str, bool], SunMap | ProgramMap | LdapMap] | None = {}
         for mc in config.mounts:
             self._register(mc)
+        self._loading = None
         for path, fd in self._restored.items():  # its map could not be read: not served
             log.warning("%s: restored mount not served; its pipe is closed", printable(path))
             os.close(fd)
         self._restored.clear()
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
-        return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        if self._loading is None:
+            return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        key = (mc.map_path, repr(mc.defaults), mc.direct)
+        loaded = self._loading.get(key)
+        if loaded is None:
+            loaded = self._loading[key] = load_map(
+                mc.map_path, defaults=mc.defaults, direct=mc.direct
+            )
+        return loaded
 
     def _register(
         self, mc: MountConfig, loaded: SunMap | ProgramMap | LdapMap | OSError | None = None
@@ -794,8 +808,9 @@ class MapServer:
 
     async def adopt_offsets(self) -> None:
         """Adopt the offset triggers a dead server left under the served mounts."""
+        served = set(self.automounter.mount_points)
         for info in read_mountinfo():
-            if info.fstype != "autofs" or info.mount_point in self.automounter.mount_points:
+            if info.fstype != "autofs" or info.mount_point in served:
                 continue
             if "offset" not in info.super_options:
                 continue
