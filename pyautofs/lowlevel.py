@@ -74,6 +74,9 @@ from ._sys._mountinfo import find_pipe_holders as find_pipe_holders
 from ._sys._mountinfo import parse_mountinfo as parse_mountinfo
 from ._sys._mountinfo import read_mountinfo as read_mountinfo
 
+# -- an autofs mount this process owns, driven synchronously (_sys._owned)
+from ._sys._owned import OwnedAutofsMount as OwnedAutofsMount
+
 # -- pipes (_sys._pipes)
 from ._sys._pipes import PAGE_SIZE as PAGE_SIZE
 from ._sys._pipes import PipeFlags as PipeFlags
@@ -126,6 +129,7 @@ __all__ = [
     "AUTOFS_DEVICE",
     "AUTOFS_SUPER_MAGIC",
     "AutofsControl",
+    "OwnedAutofsMount",
     "AutofsType",
     "ExpireFlags",
     "LegacyMountRoot",
