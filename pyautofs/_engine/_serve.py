@@ -14,9 +14,11 @@ Two rules from the security model shape the request path:
 - Any local user chooses the keys, so every key, program output and path reaches the log
   only through :func:`printable`, and failure lines are rate-limited.
 - A bind mount's source can be on a file system that hangs (an autofs mount nobody answers,
-  a dead NFS server). Its ``exists()`` and mount(2) run in a worker thread, at most
-  :data:`FOREIGN_THREADS` at once, under the request's deadline: at the deadline the thread
-  is abandoned (the engine answers the requester) and a mount it makes later is undone.
+  a dead NFS server). When the kernel can resolve the source from its caches alone
+  (openat2 with RESOLVE_CACHED, which never blocks), it is bind-mounted inline; otherwise
+  its ``exists()`` and mount(2) run in a worker thread, at most :data:`FOREIGN_THREADS` at
+  once, under the request's deadline: at the deadline the thread is abandoned (the engine
+  answers the requester) and a mount it makes later is undone.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
 from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
-from .._sys._cached import bind_if_cached
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
+from .._sys._resolve import open_dir_cached
 from .._sys._trust import check_trusted
 from ._automounter import Automounter, MountHandler
 from ._control import ControlServer, control_socket_path
@@ -283,12 +285,34 @@ def _bind_blocking(abandoned: threading.Event, source: str, target: str, readonl
         umount2(target, UmountFlags.DETACH)
 
 
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _bind_from_cache(source: str, target: str, readonly: bool) -> bool:
+    """Bind-mount ``source`` inline if the kernel resolves it from its caches alone.
+
+    The O_PATH fd is what was resolved; mount(2) reaches it through /proc/self/fd, a magic
+    link that jumps to it without walking the source's file system again. False when the
+    source is not all cached (or not a directory): the caller takes the thread path.
+    """
+    if not _PROC_FD:
+        return False
+    fd = open_dir_cached(source)
+    if fd is None:
+        return False
+    try:
+        bind_mount(f"/proc/self/fd/{fd}", target, readonly=readonly)
+    finally:
+        os.close(fd)
+    return True
+
+
 async def _mount_spec(spec: MountSpec, target: str, foreign: _ForeignCalls) -> None:
     if spec.fstype == "bind":
         readonly = "ro" in spec.options
         source = spec.source
-        if not readonly and bind_if_cached(source, target):
-            return  # the source was all in the dentry cache: nothing could block
+        if _bind_from_cache(source, target, readonly):
+            return  # no walk could block: done inline, on the engine's fast path
         await foreign.run(
             lambda abandoned: _bind_blocking(abandoned, source, target, readonly),
             f"bind mount of {printable(source)}",
@@ -812,12 +836,7 @@ class MapServer:
         for mp, amap in fresh.items():
             if mp in self.maps and self.maps[mp] is current[mp]:
                 self.maps[mp] = amap
-        clear_negative = getattr(self.automounter, "clear_negative", None)
-        if callable(clear_negative):
-            clear_negative()
-        else:  # an engine from before clear_negative(): the same, by hand
-            for m in getattr(self.automounter, "_mounts", {}).values():
-                getattr(m, "negative", {}).clear()
+        self.automounter.clear_negative()
         log.info("maps re-read; failed lookups forgotten")
 
     async def reload_master(self) -> None:
