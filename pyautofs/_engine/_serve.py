@@ -980,6 +980,13 @@ class _Serving:
             self.handed_over = True
             self.notifier.main_pid(pid)
             log.info("handed over to pid %d; exiting", pid)
+            if self.stopping:
+                # The shutdown asked for during the upgrade is the successor's to do now.
+                log.info("passing the shutdown asked for during the upgrade on to pid %d", pid)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         elif self.stopping:
             am.stop()
 
