@@ -5,6 +5,11 @@ For people who build their own engine. This module only re-exports.
 
 from __future__ import annotations
 
+# -- the fd-message protocol, sans I/O (_proto._fdmsg)
+from ._proto._fdmsg import FdMessageReader as FdMessageReader
+from ._proto._fdmsg import encode_message as encode_message
+from ._proto._fdmsg import single_record_fds as single_record_fds
+
 # -- packets (_proto._packets)
 from ._proto._packets import ExpireDirect as ExpireDirect
 from ._proto._packets import ExpireIndirect as ExpireIndirect
@@ -168,4 +173,7 @@ __all__ = [
     "AutofsPacketExpireMulti",
     "AutofsPacketMissing",
     "AutofsV5Packet",
+    "FdMessageReader",
+    "encode_message",
+    "single_record_fds",
 ]
