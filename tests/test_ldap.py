@@ -171,6 +171,9 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         assert source(await pool.lookup(m, "home", {"USER": "alice"})) == "/home/alice"
         assert source(await pool.lookup(m, "$USER", {"USER": "alice"})) == "/srv/exports/$USER"
         # An injected filter finds nothing more than the wildcard gives any unknown key.
+        # Key text is never unquoted or taken as a comment: these stay names.
+        for key in ('..""', "..#", ".\\.", "''.."):
+            assert source(await pool.lookup(m, key, {})) == f"/srv/exports/{key}"
         e = await pool.lookup(m, "*)(objectClass=*", {})
         assert source(e) == "/srv/exports/*)(objectClass=*"
         star = ldapi_map(slapd, f"automountMapName=auto.star,{SUFFIX}")
