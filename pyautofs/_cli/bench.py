@@ -25,6 +25,7 @@ examples:
   pyautofs bench fdpass --quick              a short run
   pyautofs bench trigger --json out.json     also keep the results as JSON
   pyautofs bench shutdown --plot shutdown.png
+  pyautofs bench direct --quick              N direct mounts up, looked up, down
   pyautofs bench all --quick --dir ./benchmarks
 
 The benchmarks ship with the package (pyautofs._benchmarks, from the repository's
