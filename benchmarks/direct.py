@@ -111,12 +111,24 @@ def _measure(
     dmap = ws.write(f"auto.direct.{name}", lines)
     master = ws.write(f"auto.master.{name}", f"/- {dmap}\n")
     progress(f"{variant}: {n} direct mounts up")
-    server, t0 = _start(ws, variant, master, name)
-    if variant == "automount":
-        ws.automount_started(server.pid, root)
-    row: dict[str, object] = {"variant": variant, "n": n}
+    end = time.monotonic() + AUTOMOUNT_WAIT
+    while True:
+        server, t0 = _start(ws, variant, master, name)
+        if variant == "automount":
+            ws.automount_started(server.pid, root)
+        try:
+            up = _wait_up(server, root, n, t0, deadline=max(60.0, n * 0.01))
+            break
+        except RuntimeError:
+            # automount runs once per machine: another one (a test, another benchmark) won
+            # the race to start. Wait for it to go, and start again.
+            with open(server.log, errors="replace") as f:
+                if "already running" not in f.read() or time.monotonic() > end:
+                    raise
+            progress("automount: another automount is running; waiting for it")
+            time.sleep(1.0)
+    row: dict[str, object] = {"variant": variant, "n": n, "up_s": up}
     try:
-        row["up_s"] = _wait_up(server, root, n, t0, deadline=max(60.0, n * 0.01))
         progress(f"{variant}: {n} lookups from {CLIENTS} clients")
         per = math.ceil(n / CLIENTS)
         ranges = [(i * per, min(per, n - i * per)) for i in range(CLIENTS) if i * per < n]

@@ -123,18 +123,27 @@ class EngineLock:
     def acquire(self, name_path: str, mounts: list[str]) -> None:
         """Take our lock, named after ``name_path``, listing ``mounts``."""
         prepare_lock_dir(self.lock_dir)
-        path = os.path.join(self.lock_dir, f"{self.ns}-{_quote(name_path)}.lock")
-        fd = _open_private(path, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Another engine is named after the same mount point: add our pid to the name.
-            os.close(fd)
-            path = path[: -len(".lock")] + f".{os.getpid()}.lock"
-            fd = _open_private(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.fd, self.path = fd, path
-        self.write(mounts)
+        base = os.path.join(self.lock_dir, f"{self.ns}-{_quote(name_path)}")
+        for path in (base + ".lock", base + f".{os.getpid()}.lock"):
+            for _ in range(10):
+                fd = _open_private(path, os.O_RDWR | os.O_CREAT)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    break  # another engine is named after the same mount point: next name
+                # Another engine may have found the file unlocked (between our open and our
+                # flock) and removed it as stale: then lock a fresh one.
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd, self.path = fd, path
+                    self.write(mounts)
+                    return
+                os.close(fd)
+        raise OSError(errno.EBUSY, "no engine lock could be taken", base + ".lock")
 
     def adopt(self, fd: int, mounts: list[str]) -> None:
         """Take over a predecessor's lock fd (an upgrade) and say we hold it now."""
