@@ -107,7 +107,7 @@ def test_hook_pauses_expiry_before_a_dump_and_resumes_after(
     time.sleep(3.5)  # three expire checks of a 1 s timeout: the key would have gone
     assert mounted(auto / "k")
     code, out = hook(action="post-resume", pid=pid)
-    assert code == 0 and "resumed" in out, out
+    assert code == 0 and "restored 0" in out, out  # no device changed: not restored
     wait_for("expired", lambda: not mounted(auto / "k"))
     # After a dump that leaves the tree running, post-dump only queues the resume (CRIU
     # runs it while the tree is still frozen); serve reads it once it runs.
@@ -143,3 +143,26 @@ def test_hook_in_a_tree_without_serve_does_nothing() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_serve_in_its_own_pid_namespace_leads_its_session(tmp_path: Path) -> None:
+    """CRIU dumps a pid namespace's tree only if its session leader is inside: serve, run
+    as ``unshare --pid --fork`` from a script, makes a session of its own."""
+    from test_serve import start_serve
+
+    amap = tmp_path / "auto.map"
+    amap.write_text("k -fstype=tmpfs :tmpfs\n")
+    wrapper = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
+    args = ["--lock-dir", str(tmp_path / "locks"), str(tmp_path / "auto"), str(amap)]
+    proc = start_serve(tmp_path / "serve.log", args, wrapper=wrapper)
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            (serve,) = map(int, f.read().split())
+        with open(f"/proc/{serve}/status") as f:
+            assert f"NSpid:\t{serve}\t1\n" in f.read()  # pid 1 of its namespace
+        with open(f"/proc/{serve}/stat") as f:
+            pgrp, session = map(int, f.read().rsplit(")", 1)[1].split()[2:4])
+        assert pgrp == session == serve != proc.pid
+    finally:
+        os.kill(serve, 15)
+        assert proc.wait(DEADLINE) == 0
