@@ -47,16 +47,14 @@ import attrs
 from pyautofs._sys._autofs import AutofsControl
 from pyautofs._sys._libc import libc
 from pyautofs._sys._mount import (
-    AutofsOptions,
     MountFlags,
     UmountFlags,
     mount,
-    mount_autofs,
     umount2,
     unshare_mount_namespace,
 )
 from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
-from pyautofs._sys._pipes import PipeFlags, pipe2, set_pipe_size
+from pyautofs._sys._owned import OwnedAutofsMount
 from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted
 
 __all__ = [
@@ -600,7 +598,8 @@ mountpoint, prefix, start, count, passes, gate, ready, out = sys.argv[1:9]
 start, count, passes, gate, ready = int(start), int(count), int(passes), int(gate), int(ready)
 st = os.stat(sys.argv[9])
 want = (st.st_dev, st.st_ino)
-paths = [f"{mountpoint}/{prefix}{i}" for i in range(start, start + count)]
+suffix = sys.argv[10] if len(sys.argv) > 10 else ""
+paths = [f"{mountpoint}/{prefix}{i}{suffix}" for i in range(start, start + count)]
 stat, clock = os.stat, time.perf_counter_ns
 os.write(ready, b"."); os.close(ready)
 os.read(gate, 1); os.close(gate)
@@ -645,13 +644,16 @@ def run_clients(
     passes: int = 1,
     cpus: set[int] | None = None,
     deadline: float = 600.0,
+    suffix: str = "",
 ) -> list[ClientRun]:
     """Run one client per ``(start, count)`` range of keys ``PREFIX<i>``, all at once.
 
     Every client starts, signals readiness and waits on a gate; the gate opens when all are
     ready. Each client makes ``passes`` passes over its keys (the first triggers mounts, the
-    later ones find them mounted). ``cpus`` pins every client to those CPUs before the gate
-    opens. Clients still running after ``deadline`` seconds are killed and the run fails.
+    later ones find them mounted); ``suffix`` is appended to each path (``"/"`` makes a
+    stat() of a direct mount point trigger, as a walk into it does). ``cpus`` pins every
+    client to those CPUs before the gate opens. Clients still running after ``deadline``
+    seconds are killed and the run fails.
     """
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -662,6 +664,8 @@ def run_clients(
             argv = [sys.executable, "-I", "-S", "-c", _CLIENT, mountpoint, prefix]
             argv += [str(start), str(count), str(passes), str(gate_r), str(ready_w), out]
             argv.append(ws.export)
+            if suffix:
+                argv.append(suffix)
             proc = ws.spawn(argv, pass_fds=(gate_r, ready_w), stdin=subprocess.DEVNULL)
             procs.append((proc, out))
         os.close(ready_w)
@@ -726,13 +730,10 @@ def _floor_main(mountpoint: str, export: str) -> int:
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_term)
-    r, w = pipe2(PipeFlags.CLOEXEC)
-    set_pipe_size(w, 1 << 20)  # as the engine does: room for many queued requests
-    mount_autofs(mountpoint, AutofsOptions(fd=w, pgrp=os.getpgrp()), source="floor")
-    os.close(w)  # systemd style: only the kernel holds the write end
+    # As the engine does: room for many queued requests; only the kernel keeps the write end.
+    owned = OwnedAutofsMount.create(mountpoint, pipe_size=1 << 20, source="floor")
     control = AutofsControl.open()
-    ioctlfd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    control.set_timeout(ioctlfd, 0)
+    r, ioctlfd = owned.read_fd, owned.ioctlfd
     root = os.fsencode(mountpoint) + b"/"
     source = os.fsencode(export)
     read, mkdir, ready = os.read, os.mkdir, control.ready
@@ -759,12 +760,12 @@ def _floor_main(mountpoint: str, export: str) -> int:
             else:
                 ready(ioctlfd, token)
     except _Stop:
-        control.catatonic(ioctlfd)
+        owned.catatonic()
         for key in os.listdir(mountpoint):
             with contextlib.suppress(OSError):
                 umount2(os.path.join(mountpoint, key), UmountFlags.DETACH)
-        os.close(ioctlfd)
-        umount2(mountpoint, UmountFlags.DETACH)
+        owned.close()
+        control.close()
         return 0
 
 

@@ -1,11 +1,24 @@
-"""fd passing: fds/s over a socketpair between two processes, side by side.
+"""fd passing: fds/s received over a socketpair between two processes, side by side.
 
-Variants: pyautofs (send_fds/recv_fds), pyautofs-trio (FdChannel), stdlib
-(socket.send_fds/recv_fds), raw-trio (trio sendmsg/recvmsg), anyio-trio (anyio's
-send_fds/receive_fds on trio), and c (sendmsg/recvmsg in C, compiled now with the system
-compiler; reported missing when there is none). The receiver closes what it receives, in
-every variant. Batches beyond 253 fds exist only for pyautofs's own variants; the others
-cannot carry them in one call.
+Variants (the receiver is what is measured; every sender reuses one prebuilt message):
+
+- ``c``: ``recvmsg`` in C (compiled now, in a fresh private directory; missing without a
+  compiler);
+- ``stdlib``: ``socket.recv_fds``; ``pyautofs``: ``pyautofs.recv_fds``;
+  ``pyautofs-many``: ``pyautofs.recv_fds_many`` (every queued message per call);
+- ``raw-trio``: trio's ``sock.recvmsg``; ``anyio-trio``: anyio's ``receive_fds`` on trio;
+  ``pyautofs-trio``: ``FdChannel.receive``; ``pyautofs-trio-many``:
+  ``FdChannel.receive_many``.
+
+Every receiver checks ``MSG_CTRUNC`` (or its library does, or does not: anyio and stdlib
+do not) and closes what it receives, with one of two sinks, for C and Python alike:
+``close`` (one ``close()`` per fd) and ``close_range`` (one ``close_range()`` per contiguous
+run of fd numbers: :func:`pyautofs.close_fds`, or the same loop in C). Batches beyond 253
+fds exist only for pyautofs's own variants; the others cannot carry them in one call.
+
+Each measurement forks a sender that waits on a gate; the receiver starts the clock and
+opens the gate once it is set up (imports, ``trio.run`` and channel creation stay outside
+the timed region). Repeats are interleaved across variants, and medians reported.
 """
 
 from __future__ import annotations
@@ -19,96 +32,161 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
 
 import pyautofs
+from pyautofs._proto._fdmsg import ancillary, encode_message
 from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted, trusted_program
 
-TITLE = "fd passing over a socketpair: fds/s (median of repeats), ratios to stdlib and C"
+TITLE = "fd passing over a socketpair: fds/s received (median of repeats), by sink"
 BATCHES = (1, 16, 64, 253, 1000)
+SINKS = ("close", "close_range")
+VARIANTS = (
+    "c",
+    "stdlib",
+    "pyautofs",
+    "pyautofs-many",
+    "raw-trio",
+    "anyio-trio",
+    "pyautofs-trio",
+    "pyautofs-trio-many",
+)
+_OURS = ("pyautofs", "pyautofs-many", "pyautofs-trio", "pyautofs-trio-many")
 _C_SOURCE = Path(__file__).with_name("fdpass_c.c")
+_CTRUNC = int(socket.MSG_CTRUNC)
+_MANY = 64  # messages per receive_many / recv_fds_many call, at most ...
+_MANY_FDS = 4096  # ... and fds: a batch holds all its fds open at once
 
 
-def _sender(kind: str, sock: socket.socket, fds: list[int], messages: int) -> None:
-    if kind in ("pyautofs", "pyautofs-trio"):
-        for _ in range(messages):
-            pyautofs.send_fds(sock, fds)
-    else:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        for _ in range(messages):
-            sock.sendmsg([b"x"], anc)
-
-
-def _receive_sync(kind: str, sock: socket.socket, batch: int, messages: int) -> None:
+def _closer(sink: str) -> Callable[[Iterable[int]], None]:
+    if sink == "close_range":
+        return pyautofs.close_fds
     close = os.close
-    if kind == "pyautofs":
-        for _ in range(messages):
-            for fd in pyautofs.recv_fds(sock)[1]:
-                close(fd)
-    else:
-        for _ in range(messages):
-            for fd in socket.recv_fds(sock, 1, batch)[1]:
-                close(fd)
 
-
-async def _receive_async(kind: str, sock: socket.socket, batch: int, messages: int) -> None:
-    close = os.close
-    if kind == "pyautofs-trio":
-        chan = pyautofs.FdChannel(sock)
-        for _ in range(messages):
-            for fd in (await chan.receive())[1]:
-                close(fd)
-        return
-    if kind == "raw-trio":
-        tsock = trio.socket.from_stdlib_socket(sock)
-        space = socket.CMSG_SPACE(batch * 4)
-        for _ in range(messages):
-            _, anc, _, _ = await tsock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
-            for fd in array.array("i", anc[0][2]):
-                close(fd)
-        return
-    raise ValueError(f"unknown async variant {kind!r}")
-
-
-async def _anyio_receive(sock: socket.socket, batch: int, messages: int) -> None:
-    import anyio.abc
-
-    stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
-    close = os.close
-    for _ in range(messages):
-        _, fds = await stream.receive_fds(1, batch)
+    def close_each(fds: Iterable[int]) -> None:
         for fd in fds:
             close(fd)
 
+    return close_each
 
-def _measure_python(kind: str, batch: int, messages: int) -> float:
+
+def _records(kind: str, fds: list[int]) -> list[tuple[list[bytes], list[tuple[int, int, bytes]]]]:
+    """The prebuilt ``sendmsg`` calls of one message: the same loop sends every variant's."""
+    if kind.startswith("pyautofs"):
+        return [([bytes(p)], ancillary(f)) for p, f in encode_message(fds, b"", stream=True)]
+    return [([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])]
+
+
+def _sender(
+    sock: socket.socket,
+    records: list[tuple[list[bytes], list[tuple[int, int, bytes]]]],
+    messages: int,
+) -> None:
+    sendmsg = sock.sendmsg
+    for _ in range(messages):
+        for buffers, anc in records:
+            sendmsg(buffers, anc)
+
+
+def _receive_sync(kind: str, sock: socket.socket, batch: int, messages: int, sink: str) -> None:
+    close = _closer(sink)
+    if kind == "pyautofs":
+        recv = pyautofs.recv_fds
+        for _ in range(messages):
+            close(recv(sock)[1])
+    elif kind == "pyautofs-many":
+        recv_many = pyautofs.recv_fds_many
+        left = messages
+        while left:
+            got = recv_many(sock, min(left, _MANY, max(1, _MANY_FDS // batch)))
+            for _, fds in got:
+                close(fds)
+            left -= len(got)
+    else:
+        recv_fds = socket.recv_fds
+        for _ in range(messages):
+            close(recv_fds(sock, 1, batch)[1])
+
+
+async def _receive_async(
+    kind: str, sock: socket.socket, batch: int, messages: int, sink: str, start: Callable[[], None]
+) -> None:
+    close = _closer(sink)
+    if kind in ("pyautofs-trio", "pyautofs-trio-many"):
+        chan = pyautofs.FdChannel(sock)
+        start()
+        if kind == "pyautofs-trio":
+            receive = chan.receive
+            for _ in range(messages):
+                close((await receive())[1])
+        else:
+            left = messages
+            while left:
+                got = await chan.receive_many(min(left, _MANY, max(1, _MANY_FDS // batch)))
+                for _, fds in got:
+                    close(fds)
+                left -= len(got)
+    elif kind == "raw-trio":
+        tsock = trio.socket.from_stdlib_socket(sock)
+        space = socket.CMSG_SPACE(batch * 4)
+        start()
+        for _ in range(messages):
+            _, anc, flags, _ = await tsock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+            if flags & _CTRUNC:
+                raise RuntimeError("MSG_CTRUNC")
+            close(array.array("i", anc[0][2]))
+    elif kind == "anyio-trio":
+        import anyio.abc
+
+        stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+        start()
+        for _ in range(messages):
+            close((await stream.receive_fds(1, batch))[1])
+    else:
+        raise ValueError(f"unknown async variant {kind!r}")
+
+
+def _measure_python(kind: str, batch: int, messages: int, sink: str) -> float:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     r, w = os.pipe()
+    gate_r, gate_w = os.pipe()
     fds = ([r, w] * ((batch + 1) // 2))[:batch]
+    records = _records(kind, fds)
     pid = os.fork()
     if pid == 0:
-        a.close()
         try:
-            _sender(kind, b, fds, messages)
+            a.close()
+            os.close(gate_w)
+            os.read(gate_r, 1)
+            _sender(b, records, messages)
         finally:
             os._exit(0)
     b.close()
-    t0 = time.perf_counter()
-    if kind in ("pyautofs", "stdlib"):
-        _receive_sync(kind, a, batch, messages)
-    elif kind == "anyio-trio":
-        trio.run(_anyio_receive, a, batch, messages)
-    else:
-        trio.run(_receive_async, kind, a, batch, messages)
-    elapsed = time.perf_counter() - t0
-    os.waitpid(pid, 0)
-    os.close(r)
-    os.close(w)
-    if a.fileno() >= 0:
-        a.close()
+    os.close(gate_r)
+    t0 = 0.0
+
+    def start() -> None:
+        nonlocal t0
+        t0 = time.perf_counter()
+        os.write(gate_w, b"g")
+
+    try:
+        if kind in ("stdlib", "pyautofs", "pyautofs-many"):
+            start()
+            _receive_sync(kind, a, batch, messages, sink)
+        else:
+            trio.run(_receive_async, kind, a, batch, messages, sink, start)
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(gate_w)
+        if a.fileno() >= 0:
+            a.close()  # a receiver that failed early must not leave the sender blocked
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
     return batch * messages / elapsed
 
 
@@ -130,15 +208,19 @@ def _compile_c(workdir: str) -> str | None:
     return out
 
 
-def _measure_c(binary: str, batch: int, messages: int) -> float:
+def _measure_c(binary: str, batch: int, messages: int, sink: str) -> float:
     out = subprocess.run(
-        [binary, str(batch), str(messages)], capture_output=True, text=True, check=True, timeout=300
+        [binary, str(batch), str(messages), sink],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     return batch * messages / float(out.stdout.strip())
 
 
 def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
-    """Measure every variant at every batch size; return result rows."""
+    """Measure every variant at every batch size with both sinks; return result rows."""
     workdir = tempfile.mkdtemp(prefix="pyautofs-bench-fdpass-")  # 0700, new every run
     try:
         try:
@@ -152,54 +234,93 @@ def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _applies(variant: str, batch: int) -> bool:
+    return batch <= 253 or variant in _OURS
+
+
 def _run(
     quick: bool, progress: Callable[..., None], c_binary: str | None, c_missing: str
 ) -> list[dict[str, object]]:
     repeats = 3 if quick else 7
-    budget = 20_000 if quick else 200_000  # fds per measurement
+    budget = 20_000 if quick else 150_000  # fds per measurement
     rows: list[dict[str, object]] = []
-    variants = ["c", "stdlib", "pyautofs", "raw-trio", "anyio-trio", "pyautofs-trio"]
-    anyio_missing = importlib.util.find_spec("anyio") is None
-    if anyio_missing:
-        variants.remove("anyio-trio")
-    steps = [
-        (batch, variant)
+    missing = {"c": c_missing} if c_binary is None else {}
+    if importlib.util.find_spec("anyio") is None:
+        missing["anyio-trio"] = "anyio not installed"
+    plan = {
+        (batch, sink): [v for v in VARIANTS if _applies(v, batch) and v not in missing]
         for batch in BATCHES
-        for variant in variants
-        if not (batch > 253 and variant not in ("pyautofs", "pyautofs-trio", "c"))
-        and not (variant == "c" and (c_binary is None or batch > 253))
-    ]
+        for sink in SINKS
+    }
+    total = sum(len(v) for v in plan.values()) * repeats
+    done = 0
     for batch in BATCHES:
-        messages = max(50, budget // batch)
-        medians: dict[str, float] = {}
-        for variant in variants:
-            if batch > 253 and variant not in ("pyautofs", "pyautofs-trio", "c"):
-                continue
-            if variant == "c" and (c_binary is None or batch > 253):
-                continue
-            progress(f"{variant} batch {batch}", steps.index((batch, variant)), len(steps))
-            samples = []
-            for _ in range(repeats):
-                if variant == "c":
-                    assert c_binary is not None
-                    samples.append(_measure_c(c_binary, batch, messages))
-                else:
-                    samples.append(_measure_python(variant, batch, messages))
-            medians[variant] = statistics.median(samples)
-        for variant, fds_per_s in medians.items():
-            row: dict[str, object] = {
-                "variant": variant,
-                "batch": batch,
-                "fds_per_s": round(fds_per_s),
-                "messages_per_s": round(fds_per_s / batch),
-            }
-            if "stdlib" in medians:
-                row["vs_stdlib"] = round(fds_per_s / medians["stdlib"], 2)
-            if "c" in medians:
-                row["vs_c"] = round(fds_per_s / medians["c"], 2)
-            rows.append(row)
-        if c_binary is None:
-            rows.append({"variant": "c", "batch": batch, "missing": c_missing})
-        if anyio_missing and batch <= 253:
-            rows.append({"variant": "anyio-trio", "batch": batch, "missing": "anyio not installed"})
+        messages = max(200, budget // batch)
+        for sink in SINKS:
+            variants = plan[(batch, sink)]
+            samples: dict[str, list[float]] = {v: [] for v in variants}
+            for rep in range(repeats):  # interleaved: each repeat runs every variant once
+                for variant in variants:
+                    progress(
+                        f"batch {batch} sink {sink} {variant} ({rep + 1}/{repeats})", done, total
+                    )
+                    done += 1
+                    if variant == "c":
+                        assert c_binary is not None
+                        samples[variant].append(_measure_c(c_binary, batch, messages, sink))
+                    else:
+                        samples[variant].append(_measure_python(variant, batch, messages, sink))
+            medians = {v: statistics.median(s) for v, s in samples.items()}
+            for variant, fds_per_s in medians.items():
+                row: dict[str, object] = {
+                    "variant": variant,
+                    "batch": batch,
+                    "sink": sink,
+                    "fds_per_s": round(fds_per_s),
+                    "messages_per_s": round(fds_per_s / batch),
+                }
+                for ref in ("c", "stdlib", "raw-trio", "anyio-trio"):
+                    if ref in medians and ref != variant:
+                        row[f"vs_{ref.replace('-', '_')}"] = round(fds_per_s / medians[ref], 2)
+                rows.append(row)
+            for variant, why in missing.items():
+                if _applies(variant, batch):
+                    rows.append({"variant": variant, "batch": batch, "sink": sink, "missing": why})
     return rows
+
+
+def plot(rows: list[dict[str, object]], path: str) -> None:
+    """fdpass.png: one panel per sink, bars per variant by batch, fds/s on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if isinstance(r.get("fds_per_s"), int)]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in measured)]
+    batches = [b for b in BATCHES if any(r["batch"] == b for r in measured)]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(SINKS), figsize=(15, 5), sharey=True)
+    width = 0.8 / max(1, len(variants))
+    for ax, sink in zip(axes, SINKS, strict=True):
+        for i, variant in enumerate(variants):
+            xs, ys = [], []
+            for g, batch in enumerate(batches):
+                for r in measured:
+                    if (r["variant"], r["batch"], r["sink"]) == (variant, batch, sink):
+                        xs.append(g + (i - (len(variants) - 1) / 2) * width)
+                        value = r["fds_per_s"]
+                        assert isinstance(value, int)
+                        ys.append(value)
+            ax.bar(xs, ys, width, label=variant, color=cmap(i % cmap.N))
+        ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("fds per message (batch)")
+        ax.set_yscale("log")  # 1-fd trio variants and 253-fd C differ by two decades
+        ax.set_title(f"sink: {'close() per fd' if sink == 'close' else 'close_range() per run'}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("fds received per second (log scale)")
+    axes[-1].legend(fontsize="small", loc="lower right")
+    fig.suptitle("pyautofs bench fdpass: higher is better")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -10,22 +10,31 @@ file map holds the same lines. Variants, all on the same keys:
 - ``automount ldap``: automount(8) 5.1.8 with Debian's autofs-ldap on
   ``ldap://127.0.0.1:PORT/DN`` (it connects, binds and unbinds for every lookup).
 
+- ``pyautofs ldap 1ms`` and ``automount ldap 1ms``: the same over TCP through a delay line
+  on this machine that holds every chunk 1 ms in each direction, as a directory a network
+  away would (no netem here). It delays, it does not serialize: a chunk is due 1 ms after
+  it arrived, whatever else is in flight.
+
 Rounds interleave the variants in a rotating order; each measurement gets a fresh server
 and mount point. ``new key``: one client in another session stats new keys one after
 another (the LDAP round trip is inside each lookup). Then ``single client`` and
 ``concurrent x100``: the same number of new keys from one client, and from 100 clients at
-once behind a gate; keys/s is keys over the wall time from the first start to the last end.
+once behind a gate; keys/s is keys over the wall time from the first start to the last end,
+and ``x_single`` the concurrent keys/s over the single client's (above 1: lookups overlap).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -53,7 +62,70 @@ TITLE = (
     "ldapi and ldap, a file map, automount(8) with LDAP; vs_X = median / X's median"
 )
 
-VARIANTS = ("pyautofs ldapi", "pyautofs ldap", "pyautofs file", "automount ldap")
+VARIANTS = (
+    "pyautofs ldapi",
+    "pyautofs ldap",
+    "pyautofs file",
+    "automount ldap",
+    "pyautofs ldap 1ms",
+    "automount ldap 1ms",
+)
+DELAY = 0.001
+
+# A delay line for TCP: every chunk goes on DELAY seconds after it arrived, in order, each
+# direction on its own; many requests in flight are delayed, not serialized.
+_DELAY_LINE = r"""
+import math, sys, trio
+listen, target, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+async def pump(src, dst):
+    send, recv = trio.open_memory_channel(math.inf)
+    async def writer():
+        async for due, data in recv:
+            wait = due - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            await dst.send_all(data)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        while data := await src.receive_some(65536):
+            send.send_nowait((trio.current_time() + delay, data))
+        send.close()
+
+async def handle(client):
+    try:
+        server = await trio.open_tcp_stream("127.0.0.1", target)
+        async with client, server, trio.open_nursery() as nursery:
+            async def one_way(a, b):
+                try:
+                    await pump(a, b)
+                finally:
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(one_way, client, server)
+            nursery.start_soon(one_way, server, client)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1"))
+"""
+
+
+def _start_delay_line(ws: Workspace, target_port: int, free_port: Callable[[], int]) -> int:
+    """A delay line to ``target_port`` on a new port, once it listens; that port."""
+    port = free_port()
+    argv = [sys.executable, "-c", _DELAY_LINE, str(port), str(target_port), str(DELAY)]
+    proc = ws.spawn(argv, stdin=subprocess.DEVNULL)
+    end = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("the delay line did not start") from None
+            time.sleep(0.02)
+
+
 WARMUP = 10
 MAP_DN_NAME = "auto.bench"
 
@@ -98,7 +170,7 @@ def _serving(
     """``variant`` serving a fresh mount point, warmed up; stopped and cleared afterwards."""
     mountpoint = ws.mountpoint(f"mnt-{variant.replace(' ', '-')}-{tag}")
     name, config = sources[variant]
-    if variant == "automount ldap":
+    if variant.startswith("automount"):
         server = start_automount(ws, mountpoint, name, progress=progress)
     elif config is None:
         server = start_serve(ws, mountpoint, name)
@@ -114,9 +186,15 @@ def _serving(
 
 
 def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """``vs_ldapi`` and ``vs_automount`` (automount(8) at the same distance): medians over."""
     medians = {row["variant"]: row["median_us"] for row in rows}
     for row in rows:
-        for ref, label in (("pyautofs ldapi", "vs_ldapi"), ("automount ldap", "vs_automount")):
+        far = str(row["variant"]).endswith("1ms")
+        refs = (
+            ("pyautofs ldapi", "vs_ldapi"),
+            (f"automount ldap{' 1ms' if far else ''}", "vs_automount"),
+        )
+        for ref, label in refs:
             mine, base = row["median_us"], medians.get(ref)
             assert isinstance(mine, float)
             row[label] = mine / base if isinstance(base, float) and base else math.nan
@@ -131,9 +209,9 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
     slapd_mod = _slapd_module()
     if slapd_mod.SLAPD is None:
         raise RuntimeError("the ldap benchmark needs OpenLDAP's slapd (Debian package slapd)")
-    try:
-        import ldap  # noqa: F401
-    except ImportError:
+    try:  # not "import ldap": this very file is "ldap" on the benchmarks' sys.path
+        importlib.metadata.distribution("python-ldap")
+    except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(
             "the ldap benchmark needs python-ldap: pip install -e '.[ldap]'"
         ) from None
@@ -154,11 +232,14 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
             dn = f"automountMapName={MAP_DN_NAME},{slapd_mod.SUFFIX}"
             ldapi_conf = ws.write("ldapi.conf", f"LDAP_URI={slapd.ldapi_uri}\nLDAP_AUTH=external\n")
             tcp_conf = ws.write("tcp.conf", "")
+            away = f"ldap://127.0.0.1:{_start_delay_line(ws, slapd.port, slapd_mod.free_port)}"
             sources: dict[str, tuple[str, str | None]] = {
                 "pyautofs ldapi": (f"ldap:{dn}", ldapi_conf),
                 "pyautofs ldap": (f"{slapd.ldap_uri}/{dn}", tcp_conf),
                 "pyautofs file": (ws.write_map("auto.bench", keys), None),
                 "automount ldap": (f"{slapd.ldap_uri}/{dn}", None),
+                "pyautofs ldap 1ms": (f"{away}/{dn}", tcp_conf),
+                "automount ldap 1ms": (f"{away}/{dn}", None),
             }
             samples: dict[str, list[int]] = {v: [] for v in VARIANTS}
             failed = dict.fromkeys(VARIANTS, 0)
@@ -183,6 +264,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                 ]
             )
             per = p["per_client"]
+            single: dict[str, float] = {}
             for variant in VARIANTS:
                 for phase, prefix, ranges in (
                     ("single client", "s", [(0, concurrent_total)]),
@@ -197,6 +279,8 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                         runs = run_clients(ws, server.mountpoint, prefix, ranges)
                     ns = [v for c in runs for v in c.passes[0]]
                     wall = (max(c.t1_ns for c in runs) - min(c.t0_ns for c in runs)) / 1e9
+                    keys_per_s = len(ns) / wall
+                    single.setdefault(variant, keys_per_s)
                     rows.append(
                         {
                             "variant": variant,
@@ -204,7 +288,8 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                             "n": len(ns),
                             **summarize_us(ns),
                             "failed": sum(len(c.errors[0]) for c in runs),
-                            "keys_per_s": len(ns) / wall,
+                            "keys_per_s": keys_per_s,
+                            "x_single": keys_per_s / single[variant],
                         }
                     )
         finally:

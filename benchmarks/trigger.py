@@ -107,7 +107,10 @@ def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def _phase_rows(
-    phase: str, samples: dict[str, list[int]], failed: dict[str, int]
+    phase: str,
+    samples: dict[str, list[int]],
+    failed: dict[str, int],
+    variants: tuple[str, ...] = VARIANTS,
 ) -> list[dict[str, object]]:
     return _with_ratios(
         [
@@ -118,28 +121,39 @@ def _phase_rows(
                 **summarize_us(samples[v]),
                 "failed": failed[v],
             }
-            for v in VARIANTS
+            for v in variants
         ]
     )
 
 
-def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]:
-    """Run the benchmark and return its result rows."""
-    problem = check_environment(automount=True)
+def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
+    """Run the benchmark and return its result rows.
+
+    Without automount(8) the floor and pyautofs still run; automount's rows say why not.
+    """
+    problem = check_environment()
     if problem:
         raise RuntimeError(f"the trigger benchmark {problem}")
+    no_automount = check_environment(automount=True)
+    variants = VARIANTS if no_automount is None else ("floor", "pyautofs")
     p = _params(quick)
     enter_private_mount_namespace()
     phases = ("new key", "already mounted", "new key, same CPU")
-    samples: dict[str, dict[str, list[int]]] = {ph: {v: [] for v in VARIANTS} for ph in phases}
-    failed: dict[str, dict[str, int]] = {ph: dict.fromkeys(VARIANTS, 0) for ph in phases}
+    samples: dict[str, dict[str, list[int]]] = {ph: {v: [] for v in variants} for ph in phases}
+    failed: dict[str, dict[str, int]] = {ph: dict.fromkeys(variants, 0) for ph in phases}
+    steps = (p["rounds"] + 1) * len(variants)
+    done = 0
     rows: list[dict[str, object]] = []
     with Workspace() as ws:
         keys = key_names("w", 0, WARMUP) + key_names("k", 0, max(p["keys"], p["concurrent"]))
         mapfile = ws.write_map("auto.map", keys + key_names("p", 0, p["keys"]))
         for r in range(p["rounds"]):
-            for variant in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
-                progress(f"round {r + 1}/{p['rounds']}: {variant}, {p['keys']} new keys")
+            turn = r % len(variants)
+            for variant in variants[turn:] + variants[:turn]:
+                progress(
+                    f"round {r + 1}/{p['rounds']}: {variant}, {p['keys']} new keys", done, steps
+                )
+                done += 1
                 with _serving(ws, variant, mapfile, f"r{r}", progress) as server:
                     (c,) = run_clients(ws, server.mountpoint, "k", [(0, p["keys"])], passes=2)
                     pin(server.pid, {0})
@@ -152,12 +166,17 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                     samples[phase][variant] += ns
                     failed[phase][variant] += len(errors)
         for phase in phases:
-            rows += _phase_rows(phase, samples[phase], failed[phase])
+            rows += _phase_rows(phase, samples[phase], failed[phase], variants)
 
         per = p["concurrent"] // p["clients"]
         concurrent = []
-        for variant in VARIANTS:
-            progress(f"concurrent: {variant}, {p['concurrent']} keys from {p['clients']} clients")
+        for variant in variants:
+            progress(
+                f"concurrent: {variant}, {p['concurrent']} keys from {p['clients']} clients",
+                done,
+                steps,
+            )
+            done += 1
             ranges = [(i * per, per) for i in range(p["clients"])]
             with _serving(ws, variant, mapfile, "concurrent", progress) as server:
                 runs = run_clients(ws, server.mountpoint, "k", ranges)
@@ -174,4 +193,6 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
                 }
             )
         rows += _with_ratios(concurrent)
+    if no_automount is not None:
+        rows.append({"variant": "automount", "missing": no_automount})
     return [tidy(row) for row in rows]

@@ -35,6 +35,10 @@ from ._maps._types import MapWarning as MapWarning
 from ._maps._types import MountSpec as MountSpec
 from ._maps._types import OffsetMount as OffsetMount
 
+# -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
+from ._proto._errors import FormatError as FormatError
+from ._proto._errors import ProtocolError as ProtocolError
+
 # -- checkpoint/restore (_restore)
 from ._restore._autofs import AutofsImageError as AutofsImageError
 from ._restore._autofs import AutofsMountImage as AutofsMountImage
@@ -52,6 +56,8 @@ from ._restore._pipeimage import restore_pipe as restore_pipe
 from ._restore._pipeimage import snapshot_pipe as snapshot_pipe
 from ._restore._rebuild import RestoredAutofsMount as RestoredAutofsMount
 from ._restore._rebuild import restore_autofs_mount as restore_autofs_mount
+from ._restore._sockets import accept_peer as accept_peer
+from ._restore._sockets import worker_listener as worker_listener
 from ._restore._workers import MountJob as MountJob
 from ._restore._workers import PipeJob as PipeJob
 from ._restore._workers import RestoreReport as RestoreReport
@@ -64,11 +70,11 @@ from ._sys._mount import AutofsMode as AutofsMode
 # -- fd passing (_sys._scm)
 from ._sys._scm import FdPassError as FdPassError
 from ._sys._scm import PeerCredentials as PeerCredentials
-from ._sys._scm import accept_peer as accept_peer
+from ._sys._scm import close_fds as close_fds
 from ._sys._scm import peer_credentials as peer_credentials
 from ._sys._scm import recv_fds as recv_fds
+from ._sys._scm import recv_fds_many as recv_fds_many
 from ._sys._scm import send_fds as send_fds
-from ._sys._scm import worker_listener as worker_listener
 
 __all__ = [
     "__version__",
@@ -76,6 +82,8 @@ __all__ = [
     "ExpireHandler",
     "MountHandler",
     "MountPointBusyError",
+    "FormatError",
+    "ProtocolError",
     "FdChannel",
     "bind_mount",
     "mount_tmpfs",
@@ -126,4 +134,6 @@ __all__ = [
     "recv_fds",
     "send_fds",
     "worker_listener",
+    "close_fds",
+    "recv_fds_many",
 ]

@@ -5,6 +5,11 @@ For people who build their own engine. This module only re-exports.
 
 from __future__ import annotations
 
+# -- the fd-message protocol, sans I/O (_proto._fdmsg)
+from ._proto._fdmsg import FdMessageReader as FdMessageReader
+from ._proto._fdmsg import encode_message as encode_message
+from ._proto._fdmsg import single_record_fds as single_record_fds
+
 # -- packets (_proto._packets)
 from ._proto._packets import ExpireDirect as ExpireDirect
 from ._proto._packets import ExpireIndirect as ExpireIndirect
@@ -69,6 +74,9 @@ from ._sys._mountinfo import find_pipe_holders as find_pipe_holders
 from ._sys._mountinfo import parse_mountinfo as parse_mountinfo
 from ._sys._mountinfo import read_mountinfo as read_mountinfo
 
+# -- an autofs mount this process owns, driven synchronously (_sys._owned)
+from ._sys._owned import OwnedAutofsMount as OwnedAutofsMount
+
 # -- pipes (_sys._pipes)
 from ._sys._pipes import PAGE_SIZE as PAGE_SIZE
 from ._sys._pipes import PipeFlags as PipeFlags
@@ -121,6 +129,7 @@ __all__ = [
     "AUTOFS_DEVICE",
     "AUTOFS_SUPER_MAGIC",
     "AutofsControl",
+    "OwnedAutofsMount",
     "AutofsType",
     "ExpireFlags",
     "LegacyMountRoot",
@@ -164,4 +173,7 @@ __all__ = [
     "AutofsPacketExpireMulti",
     "AutofsPacketMissing",
     "AutofsV5Packet",
+    "FdMessageReader",
+    "encode_message",
+    "single_record_fds",
 ]

@@ -203,6 +203,12 @@ class Slapd:
         """SIGSTOP: the server is there but answers nothing (a hung server)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        # The signal is delivered to each thread as it next runs: wait until all stand still.
+        end = time.monotonic() + STOP_DEADLINE
+        while not all(_stopped(t) for t in Path(f"/proc/{self.proc.pid}/task").iterdir()):
+            if time.monotonic() > end:
+                raise TimeoutError("slapd did not stop at SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -241,6 +247,14 @@ class Slapd:
         )
         if r.returncode != 0:
             raise RuntimeError(f"ldapadd failed: {r.stderr}")
+
+
+def _stopped(task: Path) -> bool:
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True  # the thread is gone
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
 
 def _listening(port: int) -> bool:

@@ -196,3 +196,66 @@ def test_bench_works_outside_the_repository(tmp_path: Path) -> None:
     ).stdout.strip()
     assert where.startswith(str(venv)), where
     assert (Path(where) / "fdpass_c.c").exists()
+
+
+PLOT_CHECK = """
+import matplotlib.pyplot as plt
+from pyautofs._cli.bench import figure
+
+# 12 variants (more than tab10 has), values from 0.2 to 2,000: four decades.
+rows = [
+    {"variant": f"v{i}", "n": n, "ms": (0.2 if i % 2 else 200.0) * (10 if n == 100 else 1)}
+    for i in range(12)
+    for n in (10, 100)
+]
+fig = figure("restore", rows)
+(ax,) = fig.axes
+assert ax.get_xlabel() == "n", ax.get_xlabel()
+assert ax.get_ylabel() == "ms (log scale)" and ax.get_yscale() == "log"
+assert len({tuple(p.get_facecolor()) for p in ax.patches}) == 12
+fig.canvas.draw()
+# The legend is beside the bars, never over them.
+assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+flat = figure("x", [{"variant": "a", "batch": 1, "fds_per_s": 5.0},
+                    {"variant": "b", "batch": 1, "fds_per_s": 9.0}])
+assert flat.axes[0].get_yscale() == "linear"
+assert flat.axes[0].get_xlabel() == "batch"
+print("ok")
+"""
+
+
+def test_shared_plot_labels_axes_colours_apart_log_scale_legend_outside() -> None:
+    # In a child: matplotlib keeps its font files open for the life of the process.
+    pytest.importorskip("matplotlib")
+    r = subprocess.run(
+        [sys.executable, "-c", PLOT_CHECK], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+@pytest.mark.kernel
+def test_trigger_without_automount_runs_the_rest_and_says_so() -> None:
+    """automount(8) hidden (a tmpfs over /usr/sbin in a namespace of its own): the floor and
+    pyautofs are still measured; automount's absence is a one-line note and a row."""
+    setup = 'mount -t tmpfs hide-sbin /usr/sbin && exec "$@"'
+    r = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "-"),
+            *(sys.executable, "-m", "pyautofs", "bench", "trigger", "--quick", "--json", "-"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    notes = [x for x in r.stderr.splitlines() if x.startswith("pyautofs bench trigger:")]
+    assert notes == [
+        "pyautofs bench trigger: automount skipped: needs automount(8) at /usr/sbin/automount "
+        "(apt-get install autofs)"
+    ], notes
+    rows = json.loads(r.stdout)["results"]
+    measured = {x["variant"] for x in rows if "median_us" in x}
+    assert measured == {"floor", "pyautofs"}
+    assert {"variant": "automount", "missing": notes[0].split("skipped: ")[1]} in rows

@@ -371,3 +371,24 @@ def test_a_hung_bind_source_freezes_nothing(
     assert time.monotonic() - t0 < 15
     assert not (mnt / "hung").exists()
     assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(mnt))]
+
+
+@pytest.mark.kernel
+def test_a_program_map_another_user_could_change_is_never_run(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # any user may replace what is in here
+    prog = shared / "auto.prog"
+    marker = tmp_path / "ran"
+    prog.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    prog.chmod(0o755)
+    mnt = tmp_path / "mnt"
+    s = Serve(tmp_path, str(mnt), str(prog))
+    try:
+        assert lookup(mnt / "key" / "f")[0] == errno.ENOENT
+    finally:
+        assert s.stop() == 0
+    assert not marker.exists()
+    assert (
+        f"map program {prog} key: not run: refusing {shared}: mode 0777 lets other users change it"
+    ) in s.text()

@@ -10,7 +10,7 @@ ORDER = ["_sys", "_proto", "_restore", "_maps", "_engine", "_cli"]
 # What each layer may import from the package (besides itself).
 ALLOWED = {
     "_proto": set(),
-    "_sys": set(),
+    "_sys": {"_proto"},  # syscall drivers of pure protocols (_sys/_scm.py runs _proto/_fdmsg.py)
     "_restore": {"_sys", "_proto"},
     "_maps": {"_sys", "_proto"},
     "_engine": {"_sys", "_proto", "_maps", "_restore"},

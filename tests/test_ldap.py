@@ -13,13 +13,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from pyautofs import load_map, parse_master_map
 from pyautofs._maps._ldap import (
     RFC2307,
     RFC2307BIS,
@@ -53,10 +55,12 @@ def directory_entries(exports: str) -> str:
                 "/": f"-fstype=bind :{exports}/&",
                 "star*": f":{exports}/alpha",
                 "sp ace": f":{exports}/beta",
+                "home": ":/home/$USER",
             },
         )
         + automount_map_ldif("auto.star", {"*": f":{exports}/&", "gamma": f":{exports}/alpha"})
         + automount_map_ldif("auto.nis", {"alpha": f":{exports}/beta"}, schema="rfc2307")
+        + automount_map_ldif("auto.incl", {"/mnt/from-ldap": f"ldap:{TEST_DN} --timeout=5"})
     )
 
 
@@ -162,6 +166,9 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         assert source(await pool.lookup(m, "other", {})) == "/srv/exports/other"  # "/" key
         assert source(await pool.lookup(m, "star*", {})) == "/srv/exports/alpha"
         assert source(await pool.lookup(m, "sp ace", {})) == "/srv/exports/beta"
+        # $VARS are expanded in the directory's text, never in the key.
+        assert source(await pool.lookup(m, "home", {"USER": "alice"})) == "/home/alice"
+        assert source(await pool.lookup(m, "$USER", {"USER": "alice"})) == "/srv/exports/$USER"
         # An injected filter finds nothing more than the wildcard gives any unknown key.
         e = await pool.lookup(m, "*)(objectClass=*", {})
         assert source(e) == "/srv/exports/*)(objectClass=*"
@@ -185,6 +192,25 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         pool.close()
 
 
+def test_a_file_master_map_includes_one_from_ldap(slapd: Slapd, tmp_path: Path) -> None:
+    """``+ldap://server/DN`` in auto.master: that master map's lines, read from LDAP."""
+    master = tmp_path / "auto.master"
+    master.write_text(
+        f"/mnt/local /etc/auto.local\n+{slapd.ldap_uri}/automountMapName=auto.incl,{SUFFIX}\n"
+    )
+    entries, warnings = parse_master_map(str(master))
+    assert not warnings
+    assert [(e.mount_point, e.map_path, e.timeout) for e in entries] == [
+        ("/mnt/local", "/etc/auto.local", None),
+        ("/mnt/from-ldap", f"{slapd.ldap_uri}/{TEST_DN}", 5),
+    ]
+    # A file map cannot include an LDAP map (its lookups would block): a warning.
+    amap = tmp_path / "auto.x"
+    amap.write_text(f"a :/a\n+{slapd.ldap_uri}/{TEST_DN}\n")
+    m = load_map(str(amap))
+    assert [w.line for w in m.warnings] == [2]  # type: ignore[union-attr]
+
+
 async def test_concurrent_lookups_share_one_connection(slapd: Slapd) -> None:
     pool = LdapPool()
     m = ldapi_map(slapd)
@@ -204,8 +230,10 @@ async def test_concurrent_lookups_share_one_connection(slapd: Slapd) -> None:
         pool.close()
 
 
-async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast() -> None:
-    server = Slapd(directory_entries("/srv/exports"), tls=False)
+async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
+    new_slapd: Callable[..., Slapd],
+) -> None:
+    server = new_slapd(directory_entries("/srv/exports"))
     pool = LdapPool()
     try:
         m = ldapi_map(server, timeout=1.0, network_timeout=1.0)
@@ -227,6 +255,15 @@ async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
             with pytest.raises(LdapError, match="no answer in time"):
                 await pool.lookup(m, "beta", {})
             assert trio.current_time() - t0 < 5
+            # A new connection to the hung server: its SASL EXTERNAL bind waits in a worker
+            # thread, never holding the process (python-ldap's sasl_interactive_bind_s
+            # holds the GIL throughout: the loop stood still for the whole timeout).
+            fresh = LdapPool()
+            try:
+                with pytest.raises(LdapError):
+                    await fresh.lookup(m, "beta", {})
+            finally:
+                fresh.close()
             server.resume()
             assert source(await pool.lookup(m, "beta", {})) == "/srv/exports/beta"
             server.stop()  # gone: the lookup fails at once, with the reason
@@ -248,12 +285,60 @@ async def test_a_hung_server_never_blocks_the_loop_and_a_stopped_one_fails_fast(
         assert max(gaps) < 0.5, max(gaps)
     finally:
         pool.close()
-        server.remove()
 
 
-async def test_failover_to_a_second_server() -> None:
-    first = Slapd(directory_entries("/first"), tls=False)
-    second = Slapd(directory_entries("/second"), tls=False)
+async def test_a_flood_of_lookups_on_a_hung_server_never_blocks_a_write(
+    new_slapd: Callable[..., Slapd],
+) -> None:
+    """1,000 distinct keys while slapd is stopped: each search is a write on the connection,
+    which nobody reads. Unbounded, the writes fill the socket's buffer and the next one
+    blocks the whole loop; bounded (MAX_IN_FLIGHT), lookups wait for a slot and fail at
+    their deadline while the loop runs on."""
+    server = new_slapd(directory_entries("/srv/exports"))
+    pool = LdapPool()
+    m = ldapi_map(server, timeout=1.0, network_timeout=1.0)
+    assert source(await pool.lookup(m, "alpha", {})) == "/srv/exports/alpha"
+    # If the loop blocks anyway, this thread lets slapd go on after 15 s, so the test
+    # ends (and fails on the gap) instead of hanging.
+    watchdog = threading.Timer(15, server.resume)
+    failures = 0
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = trio.current_time()
+        while True:
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    async def one(i: int) -> None:
+        nonlocal failures
+        try:
+            await pool.lookup(m, f"flood{i}-" + "x" * 100, {})
+        except LdapError:
+            failures += 1
+
+    try:
+        server.pause()
+        watchdog.start()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(ticker)
+            async with trio.open_nursery() as nursery:
+                for i in range(1000):
+                    nursery.start_soon(one, i)
+            outer.cancel_scope.cancel()
+        assert failures == 1000
+        assert max(gaps) < 1.0, max(gaps)
+    finally:
+        watchdog.cancel()
+        server.resume()
+        pool.close()
+
+
+async def test_failover_to_a_second_server(new_slapd: Callable[..., Slapd]) -> None:
+    first = new_slapd(directory_entries("/first"))
+    second = new_slapd(directory_entries("/second"))
     pool = LdapPool()
     try:
         s = LdapSettings(uris=(first.ldap_uri, second.ldap_uri), timeout=2, network_timeout=1)
@@ -269,8 +354,6 @@ async def test_failover_to_a_second_server() -> None:
         assert source(await pool.lookup(m, "a4", {})) == "/second/a4"  # kept
     finally:
         pool.close()
-        first.remove()
-        second.remove()
 
 
 async def test_tls_ldaps_and_starttls_with_a_self_signed_ca(slapd: Slapd) -> None:
@@ -344,8 +427,9 @@ class Serve:
             self.proc = subprocess.Popen(argv, stderr=err, start_new_session=True, env=env)
         end = time.monotonic() + 20
         while "mount(s)" not in self.log():
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < end, self.log()
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise AssertionError(f"pyautofs serve did not start:\n{self.log()}")
             time.sleep(0.02)
 
     def log(self) -> str:
@@ -363,6 +447,39 @@ class Serve:
 
 
 @pytest.fixture
+def new_slapd() -> Iterator[Callable[..., Slapd]]:
+    """Start slapds for a test; every one is killed and removed afterwards, whatever happens."""
+    if SLAPD is None:
+        pytest.skip("needs OpenLDAP's slapd (package slapd)")
+    started: list[Slapd] = []
+
+    def start(entries: str, *, tls: bool = False) -> Slapd:
+        server = Slapd(entries, tls=tls)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.remove()
+
+
+@pytest.fixture
+def new_serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """Start ``pyautofs serve`` for a test; each must exit 0 at SIGTERM afterwards."""
+    started: list[Serve] = []
+
+    def start(config: Path, *args: str) -> Serve:
+        serve = Serve(tmp_path, config, *args)
+        started.append(serve)
+        return serve
+
+    yield start
+    assert [s.stop() for s in started] == [0] * len(started), [s.log() for s in started]
+
+
+@pytest.fixture
 def exports(tmp_path: Path) -> Path:
     for name in ("alpha", "beta", "gamma", "delta", "*)(objectClass=*"):
         (tmp_path / "exports" / name).mkdir(parents=True)
@@ -372,8 +489,13 @@ def exports(tmp_path: Path) -> Path:
 
 @pytest.mark.kernel
 @needs_slapd
-def test_serve_ldap_maps_both_schemas_and_an_injected_key(tmp_path: Path, exports: Path) -> None:
-    server = Slapd(directory_entries(str(exports)), tls=False)
+def test_serve_ldap_maps_both_schemas_and_an_injected_key(
+    tmp_path: Path,
+    exports: Path,
+    new_slapd: Callable[..., Slapd],
+    new_serve: Callable[..., Serve],
+) -> None:
+    server = new_slapd(directory_entries(str(exports)))
     conf = tmp_path / "autofs.conf"
     conf.write_text(f"LDAP_URI={server.ldapi_uri}\nLDAP_AUTH=external\nLDAP_TIMEOUT=3\n")
     master = tmp_path / "auto.master"
@@ -381,25 +503,37 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(tmp_path: Path, export
         f"{tmp_path}/mnt ldap:{TEST_DN}\n{tmp_path}/nis ldap:{NIS_DN}\n"
         f"{tmp_path}/star ldap:automountMapName=auto.star,{SUFFIX}\n"
     )
-    serve = Serve(tmp_path, conf, "--master", str(master))
-    try:
-        assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
-        assert lookup(tmp_path / "mnt" / "gamma") == (0, "gamma")  # the "/" wildcard
-        assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
-        assert lookup(tmp_path / "nis" / "beta")[0] == 2
-        # The key is a literal: it matches only the wildcard, as any unknown key does.
-        assert lookup(tmp_path / "mnt" / "*)(objectClass=*") == (0, "*)(objectClass=*")
-        assert lookup(tmp_path / "star" / "delta") == (0, "delta")  # the "*" wildcard
-        assert lookup(tmp_path / "nis" / "*)(cn=*")[0] == 2
-    finally:
-        assert serve.stop() == 0
-        server.remove()
+    new_serve(conf, "--master", str(master))
+    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
+    assert lookup(tmp_path / "mnt" / "gamma") == (0, "gamma")  # the "/" wildcard
+    assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
+    assert lookup(tmp_path / "nis" / "beta")[0] == 2
+    # The key is a literal: it matches only the wildcard, as any unknown key does.
+    assert lookup(tmp_path / "mnt" / "*)(objectClass=*") == (0, "*)(objectClass=*")
+    assert lookup(tmp_path / "star" / "delta") == (0, "delta")  # the "*" wildcard
+    assert lookup(tmp_path / "nis" / "*)(cn=*")[0] == 2
+    # An LDAP map named on the command line, as a map file would be.
+    new_serve(conf, str(tmp_path / "cli"), f"ldap:{TEST_DN}")
+    assert lookup(tmp_path / "cli" / "beta") == (0, "beta")
+
+
+def test_slapd_fixture_leaves_nothing() -> None:
+    if SLAPD is None:
+        pytest.skip("needs OpenLDAP's slapd (package slapd)")
+    server = Slapd("", tls=True)
+    assert server.proc is not None and server.proc.poll() is None
+    server.remove()
+    assert server.proc.poll() is not None
+    assert not server.dir.exists()
 
 
 @pytest.mark.kernel
 @needs_slapd
 def test_serve_master_map_from_ldap_and_a_server_that_goes_away(
-    tmp_path: Path, exports: Path
+    tmp_path: Path,
+    exports: Path,
+    new_slapd: Callable[..., Slapd],
+    new_serve: Callable[..., Serve],
 ) -> None:
     entries = directory_entries(str(exports)) + automount_map_ldif(
         "auto.master",
@@ -408,27 +542,23 @@ def test_serve_master_map_from_ldap_and_a_server_that_goes_away(
             f"{tmp_path}/nis": f"ldap:{NIS_DN}",
         },
     )
-    server = Slapd(entries, tls=False)
+    server = new_slapd(entries)
     conf = tmp_path / "autofs.conf"
     conf.write_text("LDAP_TIMEOUT=2\nLDAP_NETWORK_TIMEOUT=1\n")
     master = f"{server.ldap_uri}/automountMapName=auto.master,{SUFFIX}"
-    serve = Serve(tmp_path, conf, "--master", master, "--negative-timeout", "2")
-    try:
-        assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
-        assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
-        server.stop()
-        t0 = time.monotonic()
-        # The lookup fails with "host is down" (automount(8) says ENOENT), and the log
-        # says which server and why.
-        assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN
-        assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN  # negative cache
-        assert time.monotonic() - t0 < 5
-        assert "LDAP server" in serve.log()
-        assert serve.log().count("key='beta'") == 1, serve.log()
-        assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")  # mounted: still there
-        server.start()
-        time.sleep(2.1)  # the negative entry runs out
-        assert lookup(tmp_path / "mnt" / "beta") == (0, "beta")
-    finally:
-        assert serve.stop() == 0
-        server.remove()
+    serve = new_serve(conf, "--master", master, "--negative-timeout", "2")
+    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
+    assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
+    server.stop()
+    t0 = time.monotonic()
+    # The lookup fails with "host is down" (automount(8) says ENOENT), and the log
+    # says which server and why.
+    assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN
+    assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN  # negative cache
+    assert time.monotonic() - t0 < 5
+    assert "LDAP server" in serve.log()
+    assert serve.log().count("key='beta'") == 1, serve.log()
+    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")  # mounted: still there
+    server.start()
+    time.sleep(2.1)  # the negative entry runs out
+    assert lookup(tmp_path / "mnt" / "beta") == (0, "beta")

@@ -257,3 +257,48 @@ def test_log_target_syslog_without_dev_log_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1, r
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "cannot log to syslog" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.kernel
+def test_log_target_syslog_sends_daemon_facility_lines(tmp_path: Path, journal: Journal) -> None:
+    """--log-target syslog: RFC 3164 datagrams to /dev/log (here the test's socket,
+    bind-mounted over it in a private namespace), facility daemon, ident pyautofs[PID]."""
+    amap = tmp_path / "auto.map"
+    amap.write_text(f"alpha :{tmp_path}\n")
+    # /dev/log is made in an overlay over /dev, private to the namespace: never on the host.
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "work").mkdir()
+    setup = (
+        "set -e; mount -t overlay test-dev "
+        f"-o lowerdir=/dev,upperdir={tmp_path}/upper,workdir={tmp_path}/work /dev; "
+        f'rm -f /dev/log; touch /dev/log; mount --bind {journal.path} /dev/log; exec "$@"'
+    )
+    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "-"]
+    log = tmp_path / "stderr.log"
+    proc = start_serve(
+        log,
+        [
+            "--log-target",
+            "syslog",
+            "--lock-dir",
+            str(tmp_path / "locks"),
+            str(tmp_path / "mnt"),
+            str(amap),
+        ],
+        wrapper=wrapper,
+    )
+    try:
+        got = b""
+        deadline = time.monotonic() + 20
+        while b"serving 1 autofs mount(s)" not in got:
+            assert select.select([journal.sock], [], [], max(0.0, deadline - time.monotonic()))[0]
+            got += journal.sock.recv(65536) + b"\n"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    line = next(x for x in got.split(b"\n") if b"serving 1 autofs mount(s)" in x)
+    # <30> is facility daemon (3) * 8 + info (6).
+    assert re.fullmatch(rb"<30>pyautofs\[\d+\]: serving 1 autofs mount\(s\); pid \d+\x00?", line), (
+        line
+    )
+    assert log.read_text() == ""

@@ -58,7 +58,11 @@ class Serve:
         argv += ["--lock-dir", str(root / "locks"), str(mount_point), str(amap)]
         with self.logfile.open("w") as err:
             self.proc = subprocess.Popen(argv, stderr=err, start_new_session=True)
-        self.wait_log("mount(s)")
+        try:
+            self.wait_log("mount(s)")
+        except AssertionError:
+            self.stop()
+            raise
 
     def log(self) -> str:
         return self.logfile.read_text()

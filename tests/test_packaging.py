@@ -81,3 +81,23 @@ def test_every_subpackage_and_the_benchmarks_are_packaged() -> None:
     assert setuptools["package-dir"] == {"pyautofs._benchmarks": "benchmarks"}
     data = PYPROJECT["tool"]["setuptools"]["package-data"]["pyautofs._benchmarks"]
     assert "*.c" in data  # fdpass's C reference
+
+
+def test_security_page_is_linked_and_its_bounds_are_the_codes() -> None:
+    from pyautofs._engine import _control, _serve
+    from pyautofs._maps import _include, _program, _sources
+    from pyautofs._proto import _ledger
+
+    page = (ROOT / "docs" / "security.rst").read_text()
+    flat = " ".join(page.split())
+    assert "   security\n" in (ROOT / "docs" / "index.rst").read_text()
+    for title in ("Who can trigger what", "What runs as root", "Files and sockets", "Bounds"):
+        assert f"\n{title}\n" in page, title
+    assert f"at most {_serve.FOREIGN_THREADS} at once" in flat
+    assert f"{_ledger.NEGATIVE_MAX_ENTRIES:,} entries" in flat
+    assert f"stdout {_program.MAX_PROGRAM_OUTPUT // 1024} KiB" in flat
+    assert f"stderr: {_serve.MAX_PROGRAM_STDERR // 1024} KiB kept" in flat
+    assert f"{_sources.MAX_MAP_BYTES // (1 << 20)} MiB" in flat
+    assert f"{_include.MAX_INCLUDE_DEPTH} levels and {_include.MAX_INCLUDES} includes" in flat
+    assert f"{_control._MAX_CLIENTS} clients, {_control._MAX_REQUEST}-byte requests" in flat
+    assert f"{int(_serve.FAILURE_LOG_RATE)} a second (bursts of {_serve.FAILURE_LOG_BURST})" in flat

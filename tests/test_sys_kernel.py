@@ -329,3 +329,67 @@ def test_mount_point_with_space_and_newline_in_mountinfo(tmp_path: Path) -> None
         assert m.dev == a.dev and m.pipe_ino == os.fstat(a.read_fd).st_ino
     finally:
         destroy(a)
+
+
+def test_owned_mount_create_read_answer_drain_close(tmp_path: Path) -> None:
+    from pyautofs.lowlevel import OwnedAutofsMount, bytes_queued
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with OwnedAutofsMount.create(tmp_path / "mnt", timeout=5) as owned:
+        assert find_autofs_mount(tmp_path / "mnt").timeout == 5
+        ok, bad = client(tmp_path / "mnt" / "ok"), client(tmp_path / "mnt" / "bad")
+        got: dict[bytes, int] = {}
+        for _ in range(2):
+            data = owned.read_packet()
+            assert data
+            pkt = decode_packet(data)
+            assert isinstance(pkt, MissingIndirect)
+            got[pkt.name] = pkt.token
+        os.mkdir(tmp_path / "mnt" / "ok")
+        mount(str(src), str(tmp_path / "mnt" / "ok"), None, MountFlags.BIND)
+        owned.ready(got[b"ok"])
+        owned.fail(got[b"bad"], -errno.EACCES)
+        assert ok.wait(timeout=10) == 0
+        assert bad.wait(timeout=10) == errno.EACCES
+        # Queued and never read: drain answers it.
+        late = client(tmp_path / "mnt" / "late")
+        for _ in range(1000):
+            if bytes_queued(owned.read_fd):
+                break
+            select.select([], [], [], 0.01)
+        assert owned.drain() == 1
+        assert late.wait(timeout=10) == errno.ENOENT
+        umount2(tmp_path / "mnt" / "ok", UmountFlags.DETACH)
+    assert owned.read_fd == owned.ioctlfd == -1
+    owned.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        owned.read_packet()
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_owned_direct_mount_keeps_no_ioctl_fd_and_adopt_takes_a_mount_over(
+    tmp_path: Path,
+) -> None:
+    from pyautofs.lowlevel import OwnedAutofsMount
+
+    first = OwnedAutofsMount.create(tmp_path / "d", mode="direct", nonblocking=True)
+    try:
+        assert first.ioctlfd == -1 and first.read_packet() is None
+        second = OwnedAutofsMount.adopt(tmp_path / "d", timeout=7)
+        try:
+            assert first.read_packet() == b""  # catatonic, then the pipe went to `second`
+            am = find_autofs_mount(tmp_path / "d")
+            assert (am.dev, am.timeout, am.catatonic) == (first.dev, 7, False)
+            c = client(tmp_path / "d" / "x")
+            data = second.read_packet()
+            assert data
+            pkt = decode_packet(data)
+            assert isinstance(pkt, MissingDirect)
+            second.fail(pkt.token, -errno.EHOSTDOWN)
+            assert c.wait(timeout=10) == errno.EHOSTDOWN
+        finally:
+            second.close()
+    finally:
+        first.close(unmount=False)
+    assert not os.path.ismount(tmp_path / "d")

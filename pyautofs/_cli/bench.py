@@ -25,6 +25,7 @@ examples:
   pyautofs bench fdpass --quick              a short run
   pyautofs bench trigger --json out.json     also keep the results as JSON
   pyautofs bench shutdown --plot shutdown.png
+  pyautofs bench direct --quick              N direct mounts up, looked up, down
   pyautofs bench all --quick --dir ./benchmarks
 
 The benchmarks ship with the package (pyautofs._benchmarks, from the repository's
@@ -143,8 +144,42 @@ def _table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def plot_colors(n: int) -> list[Any]:
+    """``n`` colours that stay apart: tab10, then tab20, then evenly spaced on turbo."""
+    import matplotlib
+
+    if n <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = matplotlib.colormaps["turbo"]
+    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+
+
+def spans_decades(values: list[float], ratio: float = 100.0) -> bool:
+    """Whether positive ``values`` span ``ratio`` or more (then a log scale shows them all)."""
+    positive = [v for v in values if v > 0]
+    return len(positive) >= 2 and max(positive) / min(positive) >= ratio
+
+
 def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
-    """A grouped bar chart of the first numeric metric, per variant, by batch or n."""
+    """Draw :func:`figure` to ``path`` (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(name, rows)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure(name: str, rows: list[dict[str, object]]) -> Any:
+    """A grouped bar chart of the first numeric metric, per variant, by batch, n or phase.
+
+    Every benchmark without a ``plot(rows, path)`` of its own gets this one: labelled axes,
+    a distinct colour per variant, a log scale when values span two decades or more (so
+    that small bars stay visible), and the legend outside the bars.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,35 +187,47 @@ def _plot(name: str, rows: list[dict[str, object]], path: str) -> None:
 
     skip = {"variant", "batch", "n", "phase"}
     metric = next(
-        (k for r in rows for k, v in r.items() if k not in skip and isinstance(v, (int, float))),
+        (
+            k
+            for r in rows
+            for k, v in r.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ),
         None,
     )
     if metric is None:
         raise ValueError(f"{name}: no numeric metric to plot")
+    group_key = next((k for k in ("batch", "n", "phase") if any(k in r for r in rows)), "")
     groups: list[str] = []
     variants: list[str] = []
     values: dict[tuple[str, str], float] = {}
     for r in rows:
         value = r.get(metric)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        group = str(r.get("batch", r.get("n", r.get("phase", ""))))
+        group = str(r.get(group_key, "")) if group_key else ""
         variant = str(r.get("variant", ""))
         groups += [group] if group not in groups else []
         variants += [variant] if variant not in variants else []
         values[(group, variant)] = float(value)
-    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 1.6), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(groups) * 0.5 * max(2, len(variants))), 4.5))
     width = 0.8 / max(1, len(variants))
+    colors = plot_colors(len(variants))
     for i, variant in enumerate(variants):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [values.get((grp, variant), 0.0) for grp in groups], width, label=variant)
+        xs = [g + i * width for g in range(len(groups)) if (groups[g], variant) in values]
+        ys = [values[(grp, variant)] for grp in groups if (grp, variant) in values]
+        ax.bar(xs, ys, width, label=variant, color=colors[i], edgecolor="black", linewidth=0.4)
     ax.set_xticks([g + width * (len(variants) - 1) / 2 for g in range(len(groups))], groups)
-    ax.set_ylabel(metric)
+    ax.set_xlabel(group_key or "variant")
+    if spans_decades(list(values.values())):
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{metric} (log scale)")
+    else:
+        ax.set_ylabel(metric)
     ax.set_title(f"pyautofs bench {name}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 class Progress:

@@ -24,7 +24,7 @@ from .._engine._serve import (
 from .._maps._ldap import is_ldap_name
 from .._restore._autofs import AutofsImageError, read_autofs_images
 from .._restore._rebuild import restore_autofs_mounts
-from .._sys._mountinfo import autofs_mounts, find_pipe_holders
+from .._sys._mountinfo import AutofsMount, autofs_mounts, find_pipe_holders
 from ._errors import describe, environment_problem
 from ._logging import LOG_TARGETS, setup_logging
 from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
@@ -205,18 +205,22 @@ def _map_problem(path: str, what: str) -> str | None:
     return None
 
 
-def _served_by(mount_point: str) -> tuple[str, list[int]] | None:
+def _served_by(
+    mount_point: str, table: dict[str, AutofsMount] | None = None
+) -> tuple[str, list[int]] | None:
     """Who serves a live autofs mount at ``mount_point`` (a description and the pids).
 
     None when nobody does. A mount whose pipe no live process reads (its server was killed,
     or it is catatonic) is not refused: serving it again adopts it, keys mounted included.
     """
-    found = [m for m in autofs_mounts() if m.mount_point == mount_point]
-    if not found or found[-1].catatonic or found[-1].pipe_ino is None:
+    if table is None:
+        table = {m.mount_point: m for m in autofs_mounts()}
+    top = table.get(mount_point)
+    if top is None or top.catatonic or top.pipe_ino is None:
         return None
     readers = [
         h
-        for h in find_pipe_holders(found[-1].pipe_ino)
+        for h in find_pipe_holders(top.pipe_ino)
         if h.end in ("read", "both") and h.pid != os.getpid()
     ]
     if not readers:
@@ -239,11 +243,12 @@ def _is_pyautofs(pid: int) -> bool:
 
 def _preflight(mounts: list[MountConfig], takeover: bool) -> str | None:
     """The first reason the mounts cannot be served, checked before the engine starts."""
+    table = None if takeover else {m.mount_point: m for m in autofs_mounts()}  # read once
     for mc in mounts:
         problem = _mount_point_problem(mc.mount_point)
         if problem:
             return problem
-        served = None if takeover else _served_by(mc.mount_point)
+        served = None if takeover else _served_by(mc.mount_point, table)
         if served:
             who, pids = served
             return (

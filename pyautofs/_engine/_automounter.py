@@ -435,7 +435,7 @@ class Automounter:
             os.rmdir(m.key_path(key))
         except OSError:
             pass
-        m.ledger.created.discard(key)
+        m.ledger.discard_created(key)
 
     def _reroute(self, pipe: RequestPipe, dev: int, name: bytes) -> ServedMount | None:
         from ._setup import reroute

@@ -36,6 +36,7 @@ from typing import Any
 
 import attrs
 
+from .._proto._errors import ProtocolError
 from ._fdchannel import FdChannel
 
 __all__ = [
@@ -55,7 +56,7 @@ HANDOVER_ENV = "PYAUTOFS_HANDOVER_FD"
 HANDOVER_VERSION = 2
 
 
-class HandoverError(RuntimeError):
+class HandoverError(ProtocolError):
     """The handover protocol failed; the old engine keeps serving."""
 
 

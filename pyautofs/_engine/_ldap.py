@@ -28,8 +28,31 @@ __all__ = ["LdapPool", "LdapLookups"]
 
 log = logging.getLogger("pyautofs")
 
+MAX_IN_FLIGHT = 64
+"""Searches one connection carries at once. Each is a small write on a blocking socket,
+which a hung server does not read (a Unix socket counts ~1 KiB of buffer per write): with
+this bound, and the connection dropped when a search outlives its deadline, the unread
+requests stay far below the socket's buffer and a write never blocks the engine. Lookups
+beyond it wait for a slot, under their deadline."""
+
 RETRY_AFTER = 1.0
 """Seconds after every server failed to connect during which lookups fail without a try."""
+
+
+class _Waiter:
+    """One lookup's wait for its answer."""
+
+    __slots__ = ("done", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.done = False
+        self.result: list[Any] | LdapError = []
+
+    def finish(self, result: list[Any] | LdapError) -> None:
+        self.result = result
+        self.done = True
+        self.event.set()
 
 
 class LdapLookups:
@@ -41,7 +64,9 @@ class LdapLookups:
         self._conn: Connection | None = None
         self._connecting = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
-        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._waiting: dict[int, _Waiter] = {}
+        self._reading = False
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._down_until = -math.inf
         self._down_error: LdapError | None = None
 
@@ -81,31 +106,19 @@ class LdapLookups:
                 raise
             log.info("LDAP: connected to %s", conn.uri)
             self._conn = conn
-            trio.lowlevel.spawn_system_task(self._read, conn, name=f"ldap reader {conn.uri}")
             return conn
 
-    async def _read(self, conn: Connection) -> None:
-        """Take answers off the socket and hand each to its lookup, until the link fails."""
+    def _dispatch(self, conn: Connection) -> None:
+        """Hand every answer that has arrived to the lookup that asked for it."""
         try:
-            while self._conn is conn:
-                try:
-                    answers = conn.poll()
-                except LdapError as exc:
-                    self._lost(conn, exc)
-                    return
-                for msgid, result in answers:
-                    waiter = self._waiting.pop(msgid, None)
-                    if waiter is not None:
-                        waiter[1].append(result)
-                        waiter[0].set()
-                if not answers:
-                    await trio.lowlevel.wait_readable(conn.fileno())
-        except (OSError, trio.ClosedResourceError) as exc:
-            self._lost(conn, LdapError(errno.EHOSTDOWN, f"LDAP server {conn.uri}: {exc}"))
-        except trio.Cancelled:
-            raise
-        except BaseException as exc:  # a system task must not crash the engine
-            self._lost(conn, LdapError(errno.EHOSTDOWN, f"LDAP server {conn.uri}: {exc!r}"))
+            answers = conn.poll()
+        except LdapError as exc:
+            self._lost(conn, exc)
+            return
+        for msgid, result in answers:
+            waiter = self._waiting.pop(msgid, None)
+            if waiter is not None:
+                waiter.finish(result)
 
     def _lost(self, conn: Connection, exc: LdapError) -> None:
         if self._conn is conn:
@@ -116,32 +129,80 @@ class LdapLookups:
             except (OSError, ValueError):
                 pass
             conn.close()
-        for event, slot in self._waiting.values():
-            slot.append(exc)
-            event.set()
+        for waiter in self._waiting.values():
+            waiter.finish(exc)
         self._waiting.clear()
 
+    async def _answer(self, conn: Connection, waiter: _Waiter) -> None:
+        """Wait for ``waiter``'s answer. One waiting lookup at a time reads the socket for
+        all (the one that finds nobody reading); when it has its answer it passes the job on
+        to a lookup still waiting. A lone lookup thus reads its own answer, no task between.
+        """
+        while not waiter.done:
+            if self._reading:
+                await waiter.event.wait()
+                waiter.event = trio.Event()
+                continue
+            self._reading = True
+            try:
+                self._dispatch(conn)  # answers libldap has read already
+                if not waiter.done:
+                    try:
+                        await trio.lowlevel.wait_readable(conn.fileno())
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        self._lost(
+                            conn, LdapError(errno.EHOSTDOWN, f"LDAP server {conn.uri}: {exc}")
+                        )
+                        return
+                    self._dispatch(conn)
+            finally:
+                self._reading = False
+                for other in self._waiting.values():
+                    if not other.done:
+                        other.event.set()  # the next reader
+                        break
+
     async def search(self, amap: LdapMap, key: str) -> list[Any]:
-        """The results of one key's search; raises LdapError (no server, timeout, failure)."""
+        """The results of one key's search; raises LdapError (no server, timeout, failure).
+
+        A kept connection that the server closed while idle is only noticed when used: the
+        lookup then tries once more on a new connection.
+        """
         with trio.fail_after(self.settings.timeout + 1):
+            async with self._slots:
+                return await self._search(amap, key)
+
+    async def _search(self, amap: LdapMap, key: str) -> list[Any]:
+        for attempt in range(2):
+            kept = self._conn is not None
             conn = await self._connection()
+            waiter = _Waiter()
             try:
                 msgid = conn.search(amap, key)
             except LdapError as exc:
                 self._lost(conn, exc)
-                raise
-            event: trio.Event = trio.Event()
-            slot: list[Any] = []
-            self._waiting[msgid] = (event, slot)
-            try:
-                await event.wait()
-            finally:
-                if self._waiting.pop(msgid, None) is not None and self._conn is conn:
-                    conn.abandon(msgid)
-        result = slot[0]
-        if isinstance(result, LdapError):
-            raise result
-        return list(result)
+                waiter.finish(exc)
+            else:
+                self._waiting[msgid] = waiter
+                try:
+                    await self._answer(conn, waiter)
+                finally:
+                    if self._waiting.pop(msgid, None) is not None:
+                        # Cancelled (its deadline): the server did not answer in time. An
+                        # abandon would be one more unread write; drop the connection.
+                        self._lost(
+                            conn,
+                            LdapError(
+                                errno.EHOSTDOWN, f"LDAP server {conn.uri}: no answer in time"
+                            ),
+                        )
+            result = waiter.result
+            if isinstance(result, LdapError):
+                if kept and attempt == 0 and self._conn is not conn:
+                    continue  # the kept connection was gone: once more, afresh
+                raise result
+            return list(result)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Drop the connection (at exit)."""

@@ -370,7 +370,7 @@ def start_missing(  # noqa: PLR0917
             try:
                 os.mkdir(path, 0o755)
                 created = True
-                ledger.created.add(key)
+                ledger.add_created(key)
             except FileExistsError:
                 pass
         ledger.in_flight[key] = token

@@ -14,9 +14,11 @@ Two rules from the security model shape the request path:
 - Any local user chooses the keys, so every key, program output and path reaches the log
   only through :func:`printable`, and failure lines are rate-limited.
 - A bind mount's source can be on a file system that hangs (an autofs mount nobody answers,
-  a dead NFS server). Its ``exists()`` and mount(2) run in a worker thread, at most
-  :data:`FOREIGN_THREADS` at once, under the request's deadline: at the deadline the thread
-  is abandoned (the engine answers the requester) and a mount it makes later is undone.
+  a dead NFS server). When the kernel can resolve the source from its caches alone
+  (openat2 with RESOLVE_CACHED, which never blocks), it is bind-mounted inline; otherwise
+  its ``exists()`` and mount(2) run in a worker thread, at most :data:`FOREIGN_THREADS` at
+  once, under the request's deadline: at the deadline the thread is abandoned (the engine
+  answers the requester) and a mount it makes later is undone.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import read_mountinfo
+from .._sys._resolve import open_dir_cached
+from .._sys._trust import check_trusted
 from ._automounter import Automounter, MountHandler
 from ._control import ControlServer, control_socket_path
 from ._helpers import bind_mount, mount_tmpfs, run_mount
@@ -119,14 +123,16 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
                 printable(e.map_path),
             )
             continue
+        seen = {mc.mount_point for mc in out}
         for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
-            if any(mc.mount_point == key for mc in out):
+            if key in seen:
                 log.warning(
                     "%s: %s is in two maps; the first one serves it",
                     printable(master),
                     printable(key),
                 )
                 continue
+            seen.add(key)
             out.append(MountConfig(key, e.map_path, True, timeout, e.options, e.strictexpire))
     return out
 
@@ -279,10 +285,34 @@ def _bind_blocking(abandoned: threading.Event, source: str, target: str, readonl
         umount2(target, UmountFlags.DETACH)
 
 
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _bind_from_cache(source: str, target: str, readonly: bool) -> bool:
+    """Bind-mount ``source`` inline if the kernel resolves it from its caches alone.
+
+    The O_PATH fd is what was resolved; mount(2) reaches it through /proc/self/fd, a magic
+    link that jumps to it without walking the source's file system again. False when the
+    source is not all cached (or not a directory): the caller takes the thread path.
+    """
+    if not _PROC_FD:
+        return False
+    fd = open_dir_cached(source)
+    if fd is None:
+        return False
+    try:
+        bind_mount(f"/proc/self/fd/{fd}", target, readonly=readonly)
+    finally:
+        os.close(fd)
+    return True
+
+
 async def _mount_spec(spec: MountSpec, target: str, foreign: _ForeignCalls) -> None:
     if spec.fstype == "bind":
         readonly = "ro" in spec.options
         source = spec.source
+        if _bind_from_cache(source, target, readonly):
+            return  # no walk could block: done inline, on the engine's fast path
         await foreign.run(
             lambda abandoned: _bind_blocking(abandoned, source, target, readonly),
             f"bind mount of {printable(source)}",
@@ -442,15 +472,27 @@ class MapServer:
         self._failure_log = _RateLimit()
         self.created_parents: list[str] = []
         """Directories made for mount points' parents, removed again at exit (if empty)."""
+        # The direct mounts of one map share its parse: loading it once per mount point
+        # would cost O(N^2) time and memory for N direct mounts.
+        self._loading: dict[tuple[str, str, bool], SunMap | ProgramMap | LdapMap] | None = {}
         for mc in config.mounts:
             self._register(mc)
+        self._loading = None
         for path, fd in self._restored.items():  # its map could not be read: not served
             log.warning("%s: restored mount not served; its pipe is closed", printable(path))
             os.close(fd)
         self._restored.clear()
 
     def _load(self, mc: MountConfig) -> SunMap | ProgramMap | LdapMap:
-        return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        if self._loading is None:
+            return load_map(mc.map_path, defaults=mc.defaults, direct=mc.direct)
+        key = (mc.map_path, repr(mc.defaults), mc.direct)
+        loaded = self._loading.get(key)
+        if loaded is None:
+            loaded = self._loading[key] = load_map(
+                mc.map_path, defaults=mc.defaults, direct=mc.direct
+            )
+        return loaded
 
     def _register(
         self, mc: MountConfig, loaded: SunMap | ProgramMap | LdapMap | OSError | None = None
@@ -523,6 +565,14 @@ class MapServer:
             return None
         argv, env = command
         where = f"map program {printable(amap.path)} {printable(key)}"
+        try:
+            # It runs as root: never one that another user could have written or replaced
+            # (checked on every run, since the file can change), and run what was checked.
+            argv = [check_trusted(argv[0]), *argv[1:]]
+        except OSError as exc:
+            raise ProgramMapError(
+                errno.ENOENT, f"{where}: not run: {printable(exc.strerror or str(exc))}"
+            ) from None
         try:
             run = await run_program(argv, env, amap.timeout)
         except OSError as exc:
@@ -758,8 +808,9 @@ class MapServer:
 
     async def adopt_offsets(self) -> None:
         """Adopt the offset triggers a dead server left under the served mounts."""
+        served = set(self.automounter.mount_points)
         for info in read_mountinfo():
-            if info.fstype != "autofs" or info.mount_point in self.automounter.mount_points:
+            if info.fstype != "autofs" or info.mount_point in served:
                 continue
             if "offset" not in info.super_options:
                 continue
@@ -785,12 +836,7 @@ class MapServer:
         for mp, amap in fresh.items():
             if mp in self.maps and self.maps[mp] is current[mp]:
                 self.maps[mp] = amap
-        clear_negative = getattr(self.automounter, "clear_negative", None)
-        if callable(clear_negative):
-            clear_negative()
-        else:  # an engine from before clear_negative(): the same, by hand
-            for m in getattr(self.automounter, "_mounts", {}).values():
-                getattr(m, "negative", {}).clear()
+        self.automounter.clear_negative()
         log.info("maps re-read; failed lookups forgotten")
 
     async def reload_master(self) -> None:

@@ -117,23 +117,23 @@ def start_mounts(eng: Automounter, mounts: Sequence[ServedMount]) -> None:
     existing: dict[str, AutofsMount] = {}
     for am in autofs_mounts():
         existing[am.mount_point] = am  # the last one is the topmost
-    infos: list[MountInfo] | None = None
+    table: MountTable | None = None
 
-    def get_infos() -> list[MountInfo]:
-        nonlocal infos
-        if infos is None:
-            infos = read_mountinfo()
-        return infos
+    def get_table() -> MountTable:
+        nonlocal table
+        if table is None:
+            table = MountTable.read()
+        return table
 
     for m in mounts:
-        start_mount(eng, m, existing.get(m.path), get_infos)
+        start_mount(eng, m, existing.get(m.path), get_table)
 
 
 def start_mount(
     eng: Automounter,
     m: ServedMount,
     am: AutofsMount | None,
-    get_infos: Callable[[], list[MountInfo]],
+    get_table: Callable[[], MountTable],
 ) -> None:
     """Mount or adopt ``m`` (``am``: the autofs mount already at its path, if any)."""
     assert eng._ctl is not None
@@ -149,7 +149,7 @@ def start_mount(
     r = w = -1
     try:
         if m.restored_fd >= 0:
-            adopt_restored(eng, m, am, get_infos)
+            adopt_restored(eng, m, am, get_table)
             return
         if am is not None and not eng.takeover:
             refuse_if_live(am)
@@ -160,7 +160,7 @@ def start_mount(
             pipe = shared_pipe(eng)
         write_fd = w if m.indirect else pipe.write_fd
         if am is not None:
-            adopt(eng, m, am, write_fd, get_infos())
+            adopt(eng, m, am, write_fd, get_table())
         else:
             options = AutofsOptions(
                 fd=write_fd, pgrp=os.getpgrp(), mode=m.mode, strictexpire=m.strictexpire
@@ -200,31 +200,45 @@ def start_mount(
     )
 
 
-def rediscover(m: ServedMount, infos: list[MountInfo]) -> None:
+class MountTable:
+    """One read of mountinfo, indexed: autofs mounts by path, mounts by parent."""
+
+    def __init__(self, infos: list[MountInfo]) -> None:
+        self.autofs_ids: dict[str, list[int]] = {}
+        self.children: dict[int, list[MountInfo]] = {}
+        for info in infos:
+            if info.fstype == "autofs":
+                self.autofs_ids.setdefault(info.mount_point, []).append(info.mount_id)
+            self.children.setdefault(info.parent_id, []).append(info)
+
+    @classmethod
+    def read(cls) -> MountTable:
+        return cls(read_mountinfo())
+
+
+def rediscover(m: ServedMount, table: MountTable) -> None:
     """Note in ``m``'s ledger what is mounted in (or on) the autofs mount at ``m.path``."""
-    autofs_ids = {i.mount_id for i in infos if i.fstype == "autofs" and i.mount_point == m.path}
-    mounted = m.ledger.mounted
-    for info in infos:
-        if info.parent_id not in autofs_ids:
-            continue
+    found: set[str] = set()
+    for info in (c for i in table.autofs_ids.get(m.path, ()) for c in table.children.get(i, ())):
         if m.indirect:
             key = info.mount_point[len(m.prefix) :]
             if info.mount_point.startswith(m.prefix) and key and "/" not in key:
-                mounted.add(key)
+                found.add(key)
         elif info.mount_point == m.path:
-            mounted.add("")
+            found.add("")
     if m.indirect:
         # Directories in an indirect root are made only by a daemon; they are ours now.
         try:
-            m.ledger.created.update(
-                e.name for e in os.scandir(m.path) if e.is_dir(follow_symlinks=False)
-            )
+            made = [e.name for e in os.scandir(m.path) if e.is_dir(follow_symlinks=False)]
         except OSError:
-            pass
+            made = []
+        m.ledger.adopt(found, made)
+    else:
+        m.ledger.adopt(found, ())
 
 
 def adopt(
-    eng: Automounter, m: ServedMount, am: AutofsMount, write_fd: int, infos: list[MountInfo]
+    eng: Automounter, m: ServedMount, am: AutofsMount, write_fd: int, table: MountTable
 ) -> None:
     """Adopt an autofs mount left by a dead (or, with takeover, live) daemon.
 
@@ -253,7 +267,7 @@ def adopt(
     else:
         os.close(fd)
     m.adopted = True
-    rediscover(m, infos)
+    rediscover(m, table)
     log.info("%s: adopted, %d mounted key(s) rediscovered", m.path, len(m.ledger.mounted))
 
 
@@ -261,7 +275,7 @@ def adopt_restored(
     eng: Automounter,
     m: ServedMount,
     am: AutofsMount | None,
-    get_infos: Callable[[], list[MountInfo]],
+    get_table: Callable[[], MountTable],
 ) -> None:
     """Serve a restored mount through its restored pipe, as it is (see ``add_mount``)."""
     assert eng._ctl is not None
@@ -289,7 +303,7 @@ def adopt_restored(
         pipe.close()
         raise
     m.adopted = True
-    rediscover(m, get_infos())
+    rediscover(m, get_table())
     pipe.route(m)
     eng._gone_devs.discard(m.dev)
     start_reader(eng, pipe)
@@ -406,7 +420,7 @@ def teardown(eng: Automounter, m: ServedMount) -> bool:
                     continue
                 if exc.errno != errno.EINVAL:
                     log.warning("%s: %s", m.path, exc)
-            ledger.mounted.discard(key)
+            ledger.discard_mounted(key)
         if key and key in ledger.created:
             eng._rmdir_key(m, key)
     pipe = m.pipe

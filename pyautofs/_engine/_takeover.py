@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._sys._mountinfo import autofs_mounts, read_mountinfo
+from .._sys._mountinfo import autofs_mounts
 from ._served import RequestPipe, ServedMount
-from ._setup import adopt, new_pipe, release, start_mounts, start_reader
+from ._setup import MountTable, adopt, new_pipe, release, start_mounts, start_reader
 
 if TYPE_CHECKING:
     from ._automounter import Automounter
@@ -67,12 +67,12 @@ async def take_over_from(eng: Automounter, m: ServedMount, holder: int) -> None:
                 os.unlink(request)
         if m.indirect:
             pipe = RequestPipe(r)
-            adopt(eng, m, am, w, read_mountinfo())
+            adopt(eng, m, am, w, MountTable.read())
         else:
             os.close(r)
             r = -1
             pipe = eng._shared_pipe()
-            adopt(eng, m, am, pipe.write_fd, read_mountinfo())
+            adopt(eng, m, am, pipe.write_fd, MountTable.read())
     except BaseException:
         if r >= 0:
             os.close(r)

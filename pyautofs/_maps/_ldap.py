@@ -45,7 +45,7 @@ from typing import Any
 import attrs
 
 from ._master import MasterEntry, parse_master
-from ._sun import compile_entry, expand_variables, split_words
+from ._sun import CompiledEntry, compile_entry, expand_variables, split_words
 from ._types import MapEntry, MapWarning, valid_key
 
 __all__ = [
@@ -63,9 +63,11 @@ __all__ = [
     "load_ldap_settings",
     "connect",
     "read_master_map",
+    "read_master_text",
 ]
 
 DEFAULT_CONFIG = "/etc/default/autofs"
+_COMPILED_CACHE_SIZE = 4096
 
 
 class LdapError(OSError):
@@ -205,6 +207,9 @@ class LdapMap:
     defaults: tuple[str, ...] = ()
     direct: bool = False
     settings: LdapSettings = attrs.field(factory=LdapSettings, repr=False)
+    _compiled: dict[str, CompiledEntry] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False, hash=False
+    )
 
     def search_filter(self, key: str) -> str:
         """One key, ``/`` and ``*``: a single search finds the key and both wildcards."""
@@ -242,9 +247,20 @@ class LdapMap:
         return None
 
     def resolve(self, key: str, value: str, variables: Mapping[str, str]) -> MapEntry:
-        """The entry a map value gives ``key``; raises ValueError (EscapeError included)."""
-        words = [expand_variables(w, variables) for w in split_words(value)]
-        return compile_entry(words, self.defaults).resolve(key)
+        """The entry a map value gives ``key``; raises ValueError (EscapeError included).
+
+        A value without ``$`` variables is compiled once (values repeat: a wildcard's, or
+        one location for many keys); the key goes in at each lookup.
+        """
+        compiled = self._compiled.get(value)
+        if compiled is None:
+            words = [expand_variables(w, variables) for w in split_words(value)]
+            compiled = compile_entry(words, self.defaults)
+            if "$" not in value:
+                if len(self._compiled) >= _COMPILED_CACHE_SIZE:
+                    self._compiled.clear()
+                self._compiled[value] = compiled
+        return compiled.resolve(key)
 
     def valid_key(self, key: str) -> bool:
         """Whether ``key`` can be looked up at all."""
@@ -389,7 +405,6 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
     """
     try:
         import ldap
-        import ldap.sasl
     except ImportError:
         import errno
 
@@ -399,6 +414,7 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
     failures = []
     for uri in uris:
         handle = ldap.initialize(uri)
+        handle.timeout = settings.timeout  # python-ldap's own deadline for StartTLS, bind
         try:
             handle.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
             handle.set_option(ldap.OPT_REFERRALS, 0)
@@ -420,7 +436,10 @@ def connect(uris: Sequence[str], settings: LdapSettings) -> Connection:
             if settings.auth == "simple":
                 handle.simple_bind_s(settings.bind_dn or "", settings.bind_password or "")
             elif settings.auth == "external":
-                handle.sasl_non_interactive_bind_s("EXTERNAL")
+                # Not sasl_non_interactive_bind_s: python-ldap holds the GIL through that
+                # call, so a hung server froze the whole process for the timeout. EXTERNAL
+                # is one step, which ldap_sasl_bind does with the GIL released.
+                handle.sasl_bind_s("", "EXTERNAL", b"")
             else:
                 handle.simple_bind_s("", "")
         except ldap.LDAPError as exc:
@@ -446,13 +465,12 @@ def _drop(handle: Any) -> None:
         pass
 
 
-def read_master_map(
-    name: str, settings: LdapSettings | None = None
-) -> tuple[list[MasterEntry], list[MapWarning]]:
-    """A master map stored in LDAP, read whole (blocking: at start and on SIGHUP).
+def read_master_text(name: str, settings: LdapSettings | None = None) -> str:
+    """A master map stored in LDAP as master-map text (blocking: at start and on SIGHUP).
 
     Each entry's key is a mount point and its value the rest of a master-map line. Without
     ``LDAP_URI`` in the settings, its ``ldap:DN`` maps are read from the master map's server.
+    Raises LdapError, or ValueError for a bad name.
     """
     import ldap
 
@@ -474,23 +492,24 @@ def read_master_map(
             raise _error(conn.uri, exc) from None
     finally:
         conn.close()
+    server = amap.uris[0] if not settings.uris and len(amap.uris) == 1 else None
     lines = []
     for _dn, attributes in sorted(results):
         lowered = {k.lower(): v for k, v in attributes.items()}
         keys = lowered.get(s.entry_attribute.lower()) or []
         values = lowered.get(s.value_attribute.lower()) or []
-        if keys and values:
-            lines.append(f"{keys[0].decode()} {values[0].decode()}")
-    entries, warnings = parse_master("\n".join(lines) + "\n", name)
-    if settings.uris or len(amap.uris) != 1:
-        return entries, warnings
-    # Without LDAP_URI, an "ldap:DN" map of this master map is on the master map's server.
-    server = amap.uris[0]
-    out = []
-    for e in entries:
-        scheme, _, rest = e.map_path.partition(":")
-        if scheme in ("ldap", "ldaps") and not rest.startswith("//"):
-            out.append(attrs.evolve(e, map_path=f"{server}/{rest}"))
-        else:
-            out.append(e)
-    return out, warnings
+        if not (keys and values):
+            continue
+        value = values[0].decode("utf-8", "replace")
+        scheme, _, rest = value.partition(":")
+        if server is not None and scheme in ("ldap", "ldaps") and not rest.startswith("//"):
+            value = f"{server}/{rest}"
+        lines.append(f"{keys[0].decode('utf-8', 'replace')} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def read_master_map(
+    name: str, settings: LdapSettings | None = None
+) -> tuple[list[MasterEntry], list[MapWarning]]:
+    """A master map stored in LDAP, read whole and parsed (see :func:`read_master_text`)."""
+    return parse_master(read_master_text(name, settings), name)

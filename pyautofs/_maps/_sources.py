@@ -15,7 +15,14 @@ import stat
 from collections.abc import Sequence
 
 from ._include import Included, IncludeSkipped
-from ._ldap import LdapMap, is_ldap_name, load_ldap_settings, parse_ldap_map_name, read_master_map
+from ._ldap import (
+    LdapMap,
+    is_ldap_name,
+    load_ldap_settings,
+    parse_ldap_map_name,
+    read_master_map,
+    read_master_text,
+)
 from ._master import MasterEntry, map_source_kind, parse_master
 from ._program import ProgramMap
 from ._sun import SunMap, parse_sun_map
@@ -109,7 +116,12 @@ class FileIncludes:
         if kind is None:
             raise IncludeSkipped(f"included map {name!r}: this source is not read")
         if kind[0] == "ldap":
-            raise IncludeSkipped(f"included map {name!r}: LDAP maps cannot be included here")
+            if not self.master:
+                raise IncludeSkipped(f"included map {name!r}: LDAP maps cannot be included here")
+            try:
+                return [Included(name, read_master_text(name))]
+            except ValueError as exc:
+                raise IncludeSkipped(f"included master map {name!r}: {exc}") from None
         target = find_map_file(kind[1], base)
         plain = "/" not in kind[1] and ":" not in name
         if plain and (target is None or os.path.realpath(target) == os.path.realpath(including)):

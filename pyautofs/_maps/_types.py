@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from .._proto._errors import FormatError
+
 __all__ = ["MountSpec", "OffsetMount", "MapEntry", "MapWarning", "EscapeError", "valid_key"]
 
 
@@ -53,7 +55,7 @@ class MapWarning:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-class EscapeError(ValueError):
+class EscapeError(FormatError):
     """A key substituted into an entry would make a location leave what the entry names."""
 
 

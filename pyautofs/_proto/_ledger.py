@@ -16,8 +16,12 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 
 __all__ = ["NegativeCache", "MountLedger", "Verdict", "NEGATIVE_MAX_ENTRIES"]
+
+_NO_ENTRIES: OrderedDict[str, tuple[float, int]] = OrderedDict()  # shared, never written
+_NOTHING: frozenset[str] = frozenset()
 
 NEGATIVE_MAX_ENTRIES = 16384
 """Default size bound of a negative cache (about 2 MB of Python objects when full)."""
@@ -39,7 +43,7 @@ class NegativeCache:
             raise ValueError(f"max_entries must be >= 1, not {max_entries}")
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, int]] = _NO_ENTRIES  # made on first put
         self.evicted = 0
         """Entries dropped because the cache was full (not counting those that aged out)."""
 
@@ -66,6 +70,8 @@ class NegativeCache:
         self._put(key, now + self.ttl, err, now)
 
     def _put(self, key: str, expires: float, err: int, now: float) -> None:
+        if self._entries is _NO_ENTRIES:
+            self._entries = OrderedDict()
         entries = self._entries
         entries.pop(key, None)
         entries[key] = (expires, err)
@@ -105,7 +111,8 @@ class NegativeCache:
     def clear(self) -> int:
         """Forget every entry (a map reload); how many there were."""
         n = len(self._entries)
-        self._entries.clear()
+        if n:
+            self._entries.clear()
         return n
 
     def items(self, now: float) -> Iterator[tuple[str, float, int]]:
@@ -138,8 +145,11 @@ class MountLedger:
     __slots__ = ("closing", "created", "in_flight", "mounted", "negative")
 
     def __init__(self, negative_ttl: float, negative_max: int = NEGATIVE_MAX_ENTRIES) -> None:
-        self.mounted: set[str] = set()
-        self.created: set[str] = set()
+        # Read-only views; change them through the methods below. Both start as one shared
+        # empty frozenset and become sets on first use: 10,000 direct mounts with nothing
+        # mounted cost no sets.
+        self.mounted: AbstractSet[str] = _NOTHING
+        self.created: AbstractSet[str] = _NOTHING
         self.in_flight: dict[str, int] = {}
         self.negative = NegativeCache(max(0.0, negative_ttl), negative_max)
         self.closing = False
@@ -162,16 +172,36 @@ class MountLedger:
         """The request for ``key`` ended: ``err`` 0 (mounted) or a positive errno."""
         self.in_flight.pop(key, None)
         if err == 0:
-            self.mounted.add(key)
+            self.add_mounted(key)
             self.negative.discard(key)
         elif remember:
             self.negative.put(key, err, now)
 
     def expired(self, key: str) -> None:
         """``key`` was unmounted by an expire."""
-        self.mounted.discard(key)
+        self.discard_mounted(key)
+
+    def add_mounted(self, key: str) -> None:
+        if not isinstance(self.mounted, set):
+            self.mounted = set(self.mounted)
+        self.mounted.add(key)
+
+    def discard_mounted(self, key: str) -> None:
+        if key in self.mounted:
+            assert isinstance(self.mounted, set)
+            self.mounted.discard(key)
+
+    def add_created(self, key: str) -> None:
+        if not isinstance(self.created, set):
+            self.created = set(self.created)
+        self.created.add(key)
+
+    def discard_created(self, key: str) -> None:
+        if key in self.created:
+            assert isinstance(self.created, set)
+            self.created.discard(key)
 
     def adopt(self, mounted: Iterable[str], created: Iterable[str]) -> None:
         """Merge what a predecessor mounted and made."""
-        self.mounted.update(mounted)
-        self.created.update(created)
+        self.mounted = set(self.mounted).union(mounted) or _NOTHING
+        self.created = set(self.created).union(created) or _NOTHING

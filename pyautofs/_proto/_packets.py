@@ -23,6 +23,8 @@ import struct
 
 import attrs
 
+from ._errors import FormatError
+
 __all__ = [
     "PacketType",
     "PacketError",
@@ -65,7 +67,7 @@ class PacketType(enum.IntEnum):
     EXPIRE_DIRECT = 6
 
 
-class PacketError(ValueError):
+class PacketError(FormatError):
     """The bytes are not a packet the kernel could have written."""
 
 

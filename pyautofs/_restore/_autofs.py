@@ -50,6 +50,7 @@ from typing import Any
 
 import attrs
 
+from .._proto._errors import FormatError
 from .._sys._autofs import AutofsControl
 from .._sys._mount import AutofsMode, AutofsOptions, MountFlags, UmountFlags, mount, umount2
 from .._sys._mountinfo import AutofsMount, MountInfo, PipeHolder, read_mountinfo
@@ -90,7 +91,7 @@ _MOUNT_FLAGS = {
 }
 
 
-class AutofsImageError(ValueError):
+class AutofsImageError(FormatError):
     """A serialised autofs mount image that this version of pyautofs cannot read."""
 
 

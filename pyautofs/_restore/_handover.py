@@ -37,6 +37,7 @@ from typing import Any
 
 import attrs
 
+from .._proto._errors import ProtocolError
 from .._sys._autofs import AutofsControl
 from .._sys._scm import recv_fds, recv_protocol, run_blocking, send_fds, send_protocol
 from ._autofs import take_over_autofs_mount
@@ -149,7 +150,7 @@ class AutofsHandover:
 HandoverItem = PipeHandover | AutofsHandover
 
 
-class HandoverFailed(OSError):
+class HandoverFailed(ProtocolError):
     """The owner process could not adopt what it was sent; ``errno`` is its error."""
 
 

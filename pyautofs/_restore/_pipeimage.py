@@ -44,6 +44,7 @@ from typing import Any
 
 import attrs
 
+from .._proto._errors import FormatError
 from .._sys._pipes import (
     PipeFlags,
     SpliceFlags,
@@ -68,7 +69,7 @@ _KNOWN_FLAGS = _FLAG_PACKET | _FLAG_NONBLOCK
 _MAX_SIZE = (1 << 31) - 1  # F_SETPIPE_SZ takes an int
 
 
-class PipeImageError(ValueError):
+class PipeImageError(FormatError):
     """Bytes that are not a pipe image this version of pyautofs can read."""
 
 

@@ -1,360 +1,123 @@
-"""Passing any number of file descriptors over a unix socket (SCM_RIGHTS), without loss.
+"""Passing any number of fds over a unix socket (SCM_RIGHTS), blocking, one or many at once.
 
-The kernel takes at most 253 fds per ``sendmsg`` (``SCM_MAX_FD``). One logical message
-here carries any number: the first record holds a header and up to 253 fds, and each
-further batch rides on a small continuation record. The receiver checks every record, so
-a stray or foreign message is recognised instead of being misread.
+This is a thin driver of the sans-IO protocol in :mod:`pyautofs._proto._fdmsg`, which owns
+the wire format, the limits, the parsing and the fast-path check. Here are the syscalls:
 
-Wire format (native byte order; both ends are on one machine)::
-
-    first record:   "PAFD" u16 version u16 flags u32 nfds u32 datalen  [+ inline data]
-                    + SCM_RIGHTS with min(nfds, 253) fds
-    data:           (stream) datalen raw bytes; (seqpacket) records of at most 64 KiB,
-                    unless the data was inline
-    continuation:   "PAFC" u32 batch-index  + SCM_RIGHTS with the next min(left, 253) fds
-
-Why exact lengths: on a SOCK_STREAM socket the fds ride with the first byte of the data
-they were sent with, and a read that consumes that byte receives them. The receiver
-therefore reads the header, then exactly ``datalen`` bytes, then each continuation header,
-so it never swallows the next message's fds. On SOCK_SEQPACKET each record is read whole.
+- :func:`send_fds` / :func:`recv_fds`: one message per call. The common message (at most
+  253 fds, no data) is one ``sendmsg`` and one ``recvmsg``; everything else goes through
+  :func:`~pyautofs._proto._fdmsg.encode_message` and
+  :class:`~pyautofs._proto._fdmsg.FdMessageReader`.
+- :func:`recv_fds_many`: every message already queued, up to a limit, in as few syscalls as
+  possible. On a stream socket that is ``recvmmsg(2)`` with one 16-byte piece per message
+  (through ctypes: Python has no ``recvmmsg``); the reader reassembles pieces that cross
+  record boundaries. On a seqpacket socket a data record may be 64 KiB, more than a batch
+  slot holds, so each record is read with its own ``recvmsg`` at its exact size, without
+  waiting after the first.
+- :func:`close_fds`: closes a list of fds by contiguous runs, one ``close_range(2)`` per
+  run, where the kernel has it (5.9+); fds received together are usually contiguous, and
+  fds the process already held make gaps, hence runs rather than one range.
 
 Received fds are close-on-exec atomically (``MSG_CMSG_CLOEXEC``): without it a concurrent
-fork+exec leaks them. On any failure the receiver closes every fd it got for the message
-and raises :class:`FdPassError` (an ``OSError``) saying what happened. ``MSG_CTRUNC``
-means the kernel installed fewer fds than were sent (the receiver hit RLIMIT_NOFILE, or
-a foreign sender sent more than fits) and closed the rest itself: that is reported, never
-silently dropped.
-
-The protocol is written once, as a generator that yields the next syscall to make. The
-synchronous functions here run it with blocking calls; the trio :class:`FdChannel` runs it
-by trying each call first and waiting for readiness only on ``BlockingIOError``.
+fork+exec leaks them. A failed message (truncated, foreign, peer gone, out of fds) raises
+:class:`FdPassError` (an ``OSError``) and no fd of it stays open; in a batch, no fd of the
+whole batch stays open. ``MSG_CTRUNC`` (the kernel closed fds it could not install) is
+always reported, never dropped.
 """
 
 from __future__ import annotations
 
 import _socket
-import array
+import ctypes
 import errno
 import os
+import select
 import socket
 import struct
-from collections.abc import Callable, Generator, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeAlias
 
+from .._proto._fdmsg import (
+    ANC_MAX,
+    FIRST_SEQPACKET,
+    HEADER_SIZE,
+    MSG_CMSG_CLOEXEC,
+    MSG_CTRUNC,
+    MSG_TRUNC,
+    SCM_MAX_FD,
+    Ancillary,
+    FdMessageReader,
+    FdPassError,
+    ancillary,
+    empty_header,
+    encode_message,
+    fd_struct,
+    fds_from_ancdata,
+    fds_from_control,
+    single_record_fds,
+)
+
 __all__ = [
-    "parse_single_record",
-    "first_record_size",
-    "ANC_MAX",
-    "MSG_CMSG_CLOEXEC",
     "SCM_MAX_FD",
     "FdPassError",
     "send_fds",
     "recv_fds",
+    "recv_fds_many",
+    "close_fds",
+    "read_available",
+    "Step",
     "send_protocol",
     "recv_protocol",
     "run_blocking",
+    "is_stream",
     "peer_credentials",
     "PeerCredentials",
-    "worker_listener",
-    "accept_peer",
 ]
 
-SCM_MAX_FD = 253
-"""The kernel's limit of fds in one ``sendmsg``; no userspace header exports it."""
-
-_MAGIC = b"PAFD"
-_CONT_MAGIC = b"PAFC"
-_VERSION = 1
-_HEADER = struct.Struct("=4sHHII")
-_CONT = struct.Struct("=4sI")
-_INLINE_MAX = 4096 - _HEADER.size  # data up to this size rides in the first record
-_CHUNK = 65536  # seqpacket data records
-_MAX_DATA = 1 << 30
-_ANC_MAX = socket.CMSG_SPACE(SCM_MAX_FD * 4)
-_FLAG_INLINE = 1
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
-ANC_MAX = _ANC_MAX
-MSG_CMSG_CLOEXEC = _CLOEXEC
-_SOL_SOCKET = socket.SOL_SOCKET
-_SCM_RIGHTS = socket.SCM_RIGHTS
-_TRUNCATED = socket.MSG_CTRUNC | socket.MSG_TRUNC
 _STREAM = int(socket.SOCK_STREAM)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
+_MSG_WAITFORONE = 0x10000  # linux/socket.h; the socket module does not export it
 # ``socket.socket.type`` converts to an enum on every access; the C getter is an int.
 _sock_type: Callable[[socket.socket], int] = _socket.socket.type.__get__
-# Headers of data-less messages, prebuilt: the hot path packs nothing.
-_EMPTY_HEADERS = [_HEADER.pack(_MAGIC, _VERSION, _FLAG_INLINE, n, 0) for n in range(SCM_MAX_FD + 1)]
+_TRUNCATED = MSG_CTRUNC | MSG_TRUNC
+_BIG_READ = 1 << 20  # the most one read of message data asks for
 
 
-class FdPassError(OSError):
-    """An fd message could not be received whole; no fd of it was left open."""
+def is_stream(sock: socket.socket) -> bool:
+    """Whether ``sock`` is a SOCK_STREAM socket (without the enum conversion)."""
+    return _sock_type(sock) == _STREAM
 
 
-# A step of the protocol: a thunk that makes one syscall. ``send_protocol`` and
-# ``recv_protocol`` yield steps and receive their results.
-Step: TypeAlias = Callable[[], Any]
-_RecvResult: TypeAlias = "tuple[bytes, list[tuple[int, int, bytes]], int, Any]"
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> bool:
-    """Append the fds of every SCM_RIGHTS item to ``into``; True if there were any items."""
-    found = False
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            found = True
-            usable = len(payload) - len(payload) % 4
-            into.extend(array.array("i", payload[:usable]))
-    return found
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
-
-
-def send_protocol(
-    sock: socket.socket, fds: Sequence[int], data: bytes
-) -> Generator[Step, Any, None]:
-    """The sending side of one message, as a generator of syscall steps."""
-    nfds = len(fds)
-    ndata = len(data)
-    if ndata > _MAX_DATA:
-        raise ValueError(f"fd message data is limited to {_MAX_DATA} bytes, not {ndata}")
-    inline = ndata <= _INLINE_MAX
-    header = _HEADER.pack(_MAGIC, _VERSION, _FLAG_INLINE if inline else 0, nfds, ndata)
-    first = fds[:SCM_MAX_FD]
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", first))] if first else []
-    buffers = [header, data] if inline and ndata else [header]
-    sent = yield partial(sock.sendmsg, buffers, anc)
-    total = len(header) + (ndata if inline else 0)
-    stream = _sock_type(sock) == _STREAM
-    if sent < total:
-        if not stream:
-            raise FdPassError(errno.EMSGSIZE, f"sendmsg sent {sent} of {total} bytes of a record")
-        # A stream socket may take part of a large first write; the fds went with it.
-        rest = memoryview(header + (data if inline else b""))[sent:]
-        while rest:
-            n = yield partial(sock.send, rest)
-            rest = rest[n:]
-    if not inline:
-        view = memoryview(data)
-        while view:
-            chunk = view if stream else view[:_CHUNK]
-            n = yield partial(sock.send, chunk)
-            if not stream and n != len(chunk):
-                raise FdPassError(
-                    errno.EMSGSIZE, f"send sent {n} of {len(chunk)} bytes of a record"
-                )
-            view = view[n:]
-    index = 1
-    for start in range(SCM_MAX_FD, nfds, SCM_MAX_FD):
-        batch = array.array("i", fds[start : start + SCM_MAX_FD])
-        cont = _CONT.pack(_CONT_MAGIC, index)
-        anc_b = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, batch)]
-        n = yield partial(sock.sendmsg, [cont], anc_b)
-        if n < len(cont):  # only a stream can take part of 8 bytes; the fds went with it
-            rest_c = memoryview(cont)[n:]
-            while rest_c:
-                m = yield partial(sock.send, rest_c)
-                rest_c = rest_c[m:]
-        index += 1
-
-
-def _parse_first(
-    msg: bytes, anc: list[tuple[int, int, bytes]], flags: int, stream: bool, fds: list[int]
-) -> tuple[int, int, bool]:
-    """Check the first record of a message; returns (nfds, ndata, data_is_inline)."""
-    if stream and len(msg) < _HEADER.size:
-        raise FdPassError(errno.EBADMSG, f"a {len(msg)}-byte header: not a pyautofs fd message")
-    if not stream and flags & socket.MSG_TRUNC:
-        raise FdPassError(errno.EBADMSG, "an oversized record: not a pyautofs fd message")
-    if len(msg) < _HEADER.size:
-        raise FdPassError(errno.EBADMSG, f"a {len(msg)}-byte record: not a pyautofs fd message")
-    magic, version, mflags, nfds, ndata = _HEADER.unpack_from(msg)
-    if magic != _MAGIC:
-        raise FdPassError(errno.EBADMSG, f"not a pyautofs fd message (starts with {msg[:8]!r})")
-    if version != _VERSION:
-        raise FdPassError(errno.EBADMSG, f"fd message version {version} is not supported")
-    if ndata > _MAX_DATA:
-        raise FdPassError(errno.EBADMSG, f"fd message claims {ndata} bytes of data")
-    _check_batch(fds, min(nfds, SCM_MAX_FD), nfds, flags)
-    return nfds, ndata, bool(mflags & _FLAG_INLINE)
-
-
-_FIRST_SEQPACKET = _HEADER.size + _INLINE_MAX
-
-
-def _first_size(stream: bool) -> int:
-    return _HEADER.size if stream else _FIRST_SEQPACKET
-
-
-def recv_protocol(
-    sock: socket.socket, first: tuple[bytes, list[tuple[int, int, bytes]], int] | None = None
-) -> Generator[Step, Any, tuple[bytes, list[int]]]:
-    """The receiving side of one message, as a generator of syscall steps.
-
-    ``first`` is the first record's (data, ancdata, flags) if the caller already read it.
-    Returns (data, fds). Raises :class:`FdPassError` with every received fd closed.
-    """
-    fds: list[int] = []
-    stream = _sock_type(sock) == _STREAM
-    try:
-        if first is None:
-            msg, anc, flags, _ = yield partial(
-                sock.recvmsg, _first_size(stream), _ANC_MAX, _CLOEXEC
-            )
-        else:
-            msg, anc, flags = first
-        _fds_of(anc, fds)
-        if not msg:
-            if fds:
-                raise FdPassError(errno.EBADMSG, f"fds arrived without data ({len(fds)} fds)")
-            raise EOFError("the peer closed the connection")
-        if stream:
-            while len(msg) < _HEADER.size:  # a header split across writes
-                more = yield partial(sock.recv, _HEADER.size - len(msg))
-                if not more:
-                    raise FdPassError(
-                        errno.ECONNRESET, "the peer closed the connection inside a message header"
-                    )
-                msg += more
-        nfds, ndata, inline = _parse_first(msg, anc, flags, stream, fds)
-        if inline and not stream:
-            data = bytes(msg[_HEADER.size :])
-            if len(data) != ndata:
-                raise FdPassError(
-                    errno.EBADMSG,
-                    f"fd message says {ndata} bytes of data, the record has {len(data)}",
-                )
-        else:
-            parts: list[bytes] = []
-            left = ndata
-            while left:
-                want = left if stream else min(left, _CHUNK)
-                chunk = yield partial(sock.recv, want)
-                if not chunk:
-                    raise FdPassError(
-                        errno.ECONNRESET,
-                        "the peer closed the connection in the middle of a message: got "
-                        f"{ndata - left} of {ndata} data bytes and {len(fds)} of {nfds} fds",
-                    )
-                if not stream and len(chunk) != want:
-                    raise FdPassError(errno.EBADMSG, "a data record of the wrong size")
-                parts.append(chunk)
-                left -= len(chunk)
-            data = b"".join(parts)
-        index = 1
-        while len(fds) < nfds:
-            before = len(fds)
-            cmsg, canc, cflags, _ = yield partial(sock.recvmsg, _CONT.size, _ANC_MAX, _CLOEXEC)
-            _fds_of(canc, fds)
-            if not cmsg:
-                raise FdPassError(
-                    errno.ECONNRESET,
-                    "the peer closed the connection in the middle of a message: got "
-                    f"{before} of {nfds} fds",
-                )
-            if len(cmsg) != _CONT.size:
-                raise FdPassError(
-                    errno.EBADMSG, "a short continuation record: not a pyautofs fd message"
-                )
-            cmagic, cindex = _CONT.unpack(cmsg)
-            if cmagic != _CONT_MAGIC or cindex != index:
-                raise FdPassError(
-                    errno.EBADMSG,
-                    f"expected continuation {index} of an fd message, got something else",
-                )
-            _check_batch(fds, min(nfds - before, SCM_MAX_FD), nfds, cflags, before)
-            index += 1
-    except BaseException:
-        _close_all(fds)
-        raise
-    return data, fds
-
-
-def _check_batch(fds: list[int], expected: int, total: int, flags: int, before: int = 0) -> None:
-    got = len(fds) - before
-    if got == expected:
-        if flags & socket.MSG_CTRUNC:
-            raise FdPassError(
-                errno.EBADMSG,
-                f"control data truncated (MSG_CTRUNC) after {len(fds)} of {total} fds",
-            )
-        return
-    if flags & socket.MSG_CTRUNC:
-        raise FdPassError(
-            errno.EMFILE,
-            f"receiver ran out of fds: got {before + got} of {total} (RLIMIT_NOFILE is "
-            "reached, or the sender sent more than announced); the kernel closed the rest",
-        )
-    if got == 0:
-        raise FdPassError(
-            errno.EBADMSG, f"data arrived without its fds: expected {expected}, got none"
-        )
-    raise FdPassError(errno.EBADMSG, f"expected {expected} fds in a record, got {got}")
-
-
-def run_blocking(gen: Generator[Step, Any, Any]) -> Any:
-    """Run a protocol generator with blocking syscalls (EINTR is retried by Python)."""
-    try:
-        step = next(gen)
-        while True:
-            step = gen.send(step())
-    except StopIteration as stop:
-        return stop.value
+# -- sending -------------------------------------------------------------------------------
 
 
 def send_fds(sock: socket.socket, fds: Sequence[int], data: bytes = b"") -> None:
     """Send ``fds`` (any number) and ``data`` as one message on an AF_UNIX socket.
 
     Works on SOCK_STREAM and SOCK_SEQPACKET sockets in blocking mode. The receiver gets
-    them all together from :func:`recv_fds`. The sender's fds stay open.
+    them all together from :func:`recv_fds` (or :func:`recv_fds_many`, or
+    :meth:`FdChannel.receive <pyautofs.FdChannel.receive>`). The sender's fds stay open.
     """
     nfds = len(fds)
-    ndata = len(data)
-    if nfds <= SCM_MAX_FD and ndata <= _INLINE_MAX:
-        # The common case, one record: one sendmsg, no generator.
-        if ndata:
-            header = _HEADER.pack(_MAGIC, _VERSION, _FLAG_INLINE, nfds, ndata)
-            buffers: tuple[bytes, ...] = (header, data)
-        else:
-            header = _EMPTY_HEADERS[nfds]
-            buffers = (header,)
-        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if nfds else []
-        sent = sock.sendmsg(buffers, anc)
-        if sent < _HEADER.size + ndata:
-            # Only a stream socket takes part of a small write; the fds went with it.
-            sock.sendall((header + data)[sent:])
+    if not data and nfds <= SCM_MAX_FD:  # the common message: one record, prebuilt header
+        header = empty_header(nfds)
+        sent = sock.sendmsg((header,), ancillary(fds))
+        if sent < HEADER_SIZE:  # only a stream takes part of a write; the fds went with it
+            sock.sendall(header[sent:])
         return
-    run_blocking(send_protocol(sock, fds, data))
+    stream = is_stream(sock)
+    for payload, record_fds in encode_message(fds, data, stream):
+        sent = sock.sendmsg((payload,), ancillary(record_fds)) if record_fds else sock.send(payload)
+        if sent < len(payload):
+            if not stream:
+                raise FdPassError(
+                    errno.EMSGSIZE, f"sendmsg sent {sent} of {len(payload)} bytes of a record"
+                )
+            sock.sendall(memoryview(payload)[sent:])
 
 
-def parse_single_record(
-    msg: bytes, anc: list[tuple[int, int, bytes]], flags: int
-) -> list[int] | None:
-    """The fds of a whole data-less message in one record, or None for anything else.
-
-    The header must equal the prebuilt one for that many fds: one comparison checks the
-    magic, version, count and the absence of data. Anything else takes the general path.
-    """
-    if len(anc) == 1 and not flags & _TRUNCATED:
-        level, kind, payload = anc[0]
-        if (
-            msg == _EMPTY_HEADERS[len(payload) >> 2]
-            and kind == _SCM_RIGHTS
-            and level == _SOL_SOCKET
-        ):
-            return array.array("i", payload).tolist()
-    return None
-
-
-def first_record_size(sock: socket.socket) -> int:
-    """How many bytes the first recvmsg of a message may read on this socket."""
-    return _HEADER.size if _sock_type(sock) == _STREAM else _FIRST_SEQPACKET
+# -- receiving one message -----------------------------------------------------------------
 
 
 def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -367,19 +130,413 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     """
     stream = _sock_type(sock) == _STREAM
     msg, anc, flags, _ = sock.recvmsg(
-        _HEADER.size if stream else _FIRST_SEQPACKET, _ANC_MAX, _CLOEXEC
+        HEADER_SIZE if stream else FIRST_SEQPACKET, ANC_MAX, MSG_CMSG_CLOEXEC
     )
-    # parse_single_record, inlined: this is the hot path.
-    if len(anc) == 1 and not flags & _TRUNCATED:
-        level, kind, payload = anc[0]
-        if (
-            msg == _EMPTY_HEADERS[len(payload) >> 2]
-            and kind == _SCM_RIGHTS
-            and level == _SOL_SOCKET
-        ):
-            return b"", array.array("i", payload).tolist()
-    result: tuple[bytes, list[int]] = run_blocking(recv_protocol(sock, (msg, anc, flags)))
-    return result
+    fds = single_record_fds(msg, anc, flags)
+    if fds is not None:
+        return b"", fds
+    reader = FdMessageReader(stream)
+    try:
+        reader.feed(msg, fds_from_ancdata(anc), flags)
+        while not reader.has_message():
+            _read_once(sock, reader, 0)
+        message = reader.next_message()
+    except BaseException:
+        close_fds(reader.abort())
+        raise
+    assert message is not None
+    return message
+
+
+def _read_once(sock: socket.socket, reader: FdMessageReader, flags: int) -> None:
+    """One ``recvmsg`` of what the reader wants next, fed to it."""
+    msg, anc, mflags, _ = sock.recvmsg(
+        min(reader.wanted(), _BIG_READ), ANC_MAX, MSG_CMSG_CLOEXEC | flags
+    )
+    reader.feed(msg, fds_from_ancdata(anc) if anc else [], mflags)
+
+
+# -- the protocol as a generator of syscalls, for callers that run each step themselves ---
+
+Step: TypeAlias = Callable[[], Any]
+"""One syscall of a message, as a thunk: :func:`send_protocol` and :func:`recv_protocol`
+yield them, and take each one's result back (or an exception thrown in)."""
+
+
+def send_protocol(
+    sock: socket.socket, fds: Sequence[int], data: bytes
+) -> Generator[Step, Any, None]:
+    """The syscalls that send one message, as a generator of :data:`Step`.
+
+    For callers that bound each syscall themselves (a deadline over the whole message, as
+    the restore handover does); :func:`run_blocking` runs it plainly.
+    """
+    stream = is_stream(sock)
+    for payload, record_fds in encode_message(fds, data, stream):
+        anc = ancillary(record_fds)
+        view = memoryview(payload)
+        while view:
+            if anc:
+                sent = yield partial(sock.sendmsg, (view,), anc)
+            else:
+                sent = yield partial(sock.send, view)
+            if sent < len(view) and not stream:
+                raise FdPassError(
+                    errno.EMSGSIZE, f"sendmsg sent {sent} of {len(view)} bytes of a record"
+                )
+            anc = []  # the fds went with the first byte
+            view = view[sent:]
+
+
+def recv_protocol(
+    sock: socket.socket, first: tuple[bytes, Ancillary, int] | None = None
+) -> Generator[Step, Any, tuple[bytes, list[int]]]:
+    """The syscalls that receive one message, as a generator of :data:`Step`; returns
+    ``(data, fds)``. ``first`` is the first record's (data, ancdata, flags) if the caller
+    already read it. Whatever ends it early (an error, one thrown in, ``close()``) closes
+    every fd received for the message first.
+    """
+    reader = FdMessageReader(is_stream(sock))
+    try:
+        if first is not None:
+            msg, anc, flags = first
+            reader.feed(msg, fds_from_ancdata(anc), flags)
+        while not reader.has_message():
+            msg, anc, flags, _ = yield partial(
+                sock.recvmsg, min(reader.wanted(), _BIG_READ), ANC_MAX, MSG_CMSG_CLOEXEC
+            )
+            reader.feed(msg, fds_from_ancdata(anc) if anc else [], flags)
+        message = reader.next_message()
+    except BaseException:
+        close_fds(reader.abort())
+        raise
+    assert message is not None
+    return message
+
+
+def run_blocking(gen: Generator[Step, Any, Any]) -> Any:
+    """Run a protocol generator with plain (blocking) syscalls; return what it returns."""
+    try:
+        step = next(gen)
+        while True:
+            try:
+                result = step()
+            except BaseException as exc:
+                step = gen.throw(exc)
+                continue
+            step = gen.send(result)
+    except StopIteration as stop:
+        return stop.value
+
+
+# -- receiving many ------------------------------------------------------------------------
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = (
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint),
+        ("msg_iov", ctypes.c_void_p),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    )
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint))
+
+
+_CONTROLLEN_AT = _Msghdr.msg_controllen.offset
+_FLAGS_AT = _Msghdr.msg_flags.offset
+_LEN_AT = _Mmsghdr.msg_len.offset
+_ENTRY = ctypes.sizeof(_Mmsghdr)
+# (msg_controllen, msg_flags, msg_len) of one mmsghdr
+_ENTRY_FORMAT = f"{_CONTROLLEN_AT}xNi{_LEN_AT - _FLAGS_AT - 4}xI{_ENTRY - _LEN_AT - 4}x"
+_CMSGHDR = struct.Struct("@Nii")
+_CMSG_DATA = _CMSGHDR.size
+_CMSG_ALIGN = struct.calcsize("@N")
+_BATCH_MAX = 64  # pieces per recvmmsg
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+
+
+class _MmsgBuffers:
+    """Data, control and header arrays for ``recvmmsg`` of up to 64 pieces of 16 bytes.
+
+    The kernel rewrites each header's ``msg_controllen`` and ``msg_flags``; a pristine copy
+    of the header array goes back before every call, with one ``memmove``.
+    """
+
+    def __init__(self) -> None:
+        n, piece = _BATCH_MAX, HEADER_SIZE
+        self.data = ctypes.create_string_buffer(n * piece)
+        self.control = ctypes.create_string_buffer(n * ANC_MAX)
+        self.iovs = (_Iovec * n)()
+        self.headers = (_Mmsghdr * n)()
+        base_d = ctypes.addressof(self.data)
+        base_c = ctypes.addressof(self.control)
+        for i in range(n):
+            self.iovs[i].iov_base = base_d + i * piece
+            self.iovs[i].iov_len = piece
+            h = self.headers[i].msg_hdr
+            h.msg_iov = ctypes.addressof(self.iovs[i])
+            h.msg_iovlen = 1
+            h.msg_control = base_c + i * ANC_MAX
+            h.msg_controllen = ANC_MAX
+        self.size = n * _ENTRY
+        self.pristine = ctypes.create_string_buffer(bytes(self.headers), self.size)
+        self.header_view = memoryview(self.headers).cast("B")
+        self.data_view = memoryview(self.data).cast("B")
+        self.control_view = memoryview(self.control).cast("B")
+        self.results = [struct.Struct("@" + _ENTRY_FORMAT * k) for k in range(n + 1)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+_recvmmsg.restype = ctypes.c_int
+_memmove = ctypes.memmove
+_local = threading.local()
+
+
+def _buffers() -> _MmsgBuffers:
+    bufs: _MmsgBuffers | None = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = _MmsgBuffers()
+    return bufs
+
+
+def _recvmmsg_stream(
+    sock: socket.socket,
+    reader: FdMessageReader,
+    want: int,
+    out: list[tuple[bytes, list[int]]],
+    flags: int,
+) -> None:
+    """One ``recvmmsg`` of up to ``want`` 16-byte pieces of a stream; whole messages go to
+    ``out``. Raises ``BlockingIOError`` when nothing was queued.
+
+    A piece at a message boundary that is exactly a data-less header with its fds is taken
+    on the spot (the fast path). Anything else goes through ``reader``, which reassembles
+    pieces that cross record boundaries. Every fd the call received ends up in ``out``, in
+    the reader, or closed (on an error, those of the pieces after the failing one).
+    """
+    bufs = _buffers()
+    _memmove(bufs.headers, bufs.pristine, bufs.size)
+    fd = sock.fileno()
+    while True:
+        got = _recvmmsg(fd, bufs.headers, want, flags, None)
+        if got >= 0:
+            break
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"recvmmsg: {os.strerror(err)}")
+    results = bufs.results[got].unpack_from(bufs.header_view)
+    data = bufs.data_view
+    control = bufs.control_view
+    header_of = empty_header
+    unpack_cmsg = _CMSGHDR.unpack_from
+    i = 0
+    try:
+        while i < got:
+            controllen, mflags, length = results[3 * i : 3 * i + 3]
+            start = i * HEADER_SIZE
+            off = i * ANC_MAX
+            i += 1
+            if length == HEADER_SIZE and not mflags & _TRUNCATED and reader.at_boundary():
+                # The fast path: one SCM_RIGHTS item, and the prebuilt header for its count.
+                if controllen >= _CMSG_DATA:
+                    clen, level, kind = unpack_cmsg(control, off)
+                    n = (clen - _CMSG_DATA) >> 2
+                    if (
+                        0 < n <= SCM_MAX_FD
+                        and controllen == (clen + _CMSG_ALIGN - 1) & ~(_CMSG_ALIGN - 1)
+                        and kind == _SCM_RIGHTS
+                        and level == _SOL_SOCKET
+                        and data[start : start + HEADER_SIZE] == header_of(n)
+                    ):
+                        out.append((b"", list(fd_struct(n).unpack_from(control, off + _CMSG_DATA))))
+                        continue
+                elif not controllen and data[start : start + HEADER_SIZE] == header_of(0):
+                    out.append((b"", []))
+                    continue
+            fds = fds_from_control(control[off : off + controllen]) if controllen else []
+            reader.feed(bytes(data[start : start + length]), fds, mflags)
+            while reader.has_message():
+                message = reader.next_message()
+                assert message is not None
+                out.append(message)
+    except BaseException:
+        for j in range(i, got):  # pieces not looked at yet: their fds are still ours
+            cl = results[3 * j]
+            if cl:
+                close_fds(fds_from_control(control[j * ANC_MAX : j * ANC_MAX + cl]))
+        raise
+
+
+def _drain(reader: FdMessageReader, out: list[tuple[bytes, list[int]]]) -> None:
+    while reader.has_message():
+        message = reader.next_message()
+        assert message is not None
+        out.append(message)
+
+
+def read_available(
+    sock: socket.socket,
+    reader: FdMessageReader,
+    limit: int,
+    out: list[tuple[bytes, list[int]]],
+    *,
+    wait_first: bool = False,
+) -> bool:
+    """Read whole messages into ``out`` until it holds ``limit`` and no message is open,
+    without waiting (except for the first read, with ``wait_first`` on a blocking socket).
+
+    Returns True when done, False when the socket ran dry while a message was open (the
+    caller waits for readability and calls again). Raises ``BlockingIOError`` when nothing
+    at all was queued, ``EOFError`` when the peer closed it between messages. The caller
+    owns ``out``'s fds and, on any exception, must close them and ``reader.abort()``'s.
+    """
+    flags = 0 if wait_first else _MSG_DONTWAIT
+    while len(out) < limit or not reader.at_boundary():
+        try:
+            if reader.stream and reader.at_boundary():
+                want = min(limit - len(out), _BATCH_MAX)
+                mflags = MSG_CMSG_CLOEXEC | (flags or _MSG_WAITFORONE)
+                _recvmmsg_stream(sock, reader, want, out, mflags)
+            else:
+                _read_once(sock, reader, flags)
+                _drain(reader, out)
+        except BlockingIOError:
+            if not reader.at_boundary():
+                return False
+            if out:
+                return True
+            raise
+        flags = _MSG_DONTWAIT
+    return True
+
+
+def recv_fds_many(sock: socket.socket, limit: int = 64) -> list[tuple[bytes, list[int]]]:
+    """Receive up to ``limit`` messages: every one already queued, without waiting for more.
+
+    On a blocking socket this waits for the first message; on a non-blocking one it raises
+    ``BlockingIOError`` when none is queued (sockets with a timeout are refused). A message
+    that has begun to arrive is always finished, waiting for its rest; so on a stream whose
+    messages carry data the list may hold one more than ``limit``, as bytes already read
+    cannot be put back.
+
+    The fds of every message in the batch are open at once: with large messages keep
+    ``limit`` times the fds per message well under ``RLIMIT_NOFILE`` (running out is
+    reported as below, with ``EMFILE``).
+
+    Each item is ``(data, fds)`` as :func:`recv_fds` returns it, fds close-on-exec. If a
+    message fails, :class:`FdPassError` is raised and no fd of the whole batch stays open
+    (the whole messages before it are dropped too, and the error says how many). At the end
+    of the connection the messages before it are returned, and the next call raises
+    ``EOFError``.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    timeout = sock.gettimeout()
+    if timeout:
+        raise ValueError("recv_fds_many needs a blocking or non-blocking socket, not a timeout")
+    reader = FdMessageReader(is_stream(sock))
+    out: list[tuple[bytes, list[int]]] = []
+    try:
+        done = read_available(sock, reader, limit, out, wait_first=timeout is None)
+        if not done:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            while not done:  # in the middle of a message: wait for its rest
+                poller.poll()
+                done = read_available(sock, reader, limit, out)
+    except EOFError:
+        if out:
+            return out
+        raise
+    except BaseException as exc:
+        dropped = len(out)
+        close_fds([fd for _, fds in out for fd in fds])
+        close_fds(reader.abort())
+        if dropped and isinstance(exc, FdPassError):
+            raise FdPassError(
+                exc.errno,
+                f"{exc.strerror} ({dropped} whole messages received before it in this batch "
+                "were dropped too, their fds closed)",
+            ) from exc
+        raise
+    return out
+
+
+# -- closing -------------------------------------------------------------------------------
+
+
+def _load_close_range() -> Callable[[int, int, int], int]:
+    try:
+        func = _libc.close_range
+    except AttributeError:  # glibc < 2.34: the raw syscall (436 on every architecture)
+        raw = _libc.syscall
+        raw.restype = ctypes.c_long
+        uint = ctypes.c_uint
+
+        def via_syscall(first: int, last: int, flags: int) -> int:
+            return int(raw(436, uint(first), uint(last), uint(flags)))
+
+        return via_syscall
+    func.argtypes = (ctypes.c_uint, ctypes.c_uint, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+_close_range = _load_close_range()
+_RUN_MIN = 4  # shorter runs: os.close() each is cheaper than one ctypes call
+_have_close_range = True
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every fd in ``fds``: each contiguous ascending run with one ``close_range(2)``
+    (Linux 5.9+; plain ``close`` elsewhere), short runs and the rest one ``close`` each.
+
+    Errors are ignored: after ``close`` fails the fd is gone all the same, and ``EBADF``
+    means it already was. Only numbers in ``fds`` are closed.
+    """
+    close = os.close
+    it = iter(fds)
+    first = next(it, None)
+    if first is None:
+        return
+    start = prev = first
+    for fd in it:
+        if fd == prev + 1:
+            prev = fd
+            continue
+        _close_run(start, prev, close)
+        start = prev = fd
+    _close_run(start, prev, close)
+
+
+def _close_run(start: int, end: int, close: Callable[[int], None]) -> None:
+    global _have_close_range
+    if end - start + 1 >= _RUN_MIN and _have_close_range:
+        if _close_range(start, end, 0) == 0:
+            return
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # old kernel, or seccomp
+            _have_close_range = False
+    for fd in range(start, end + 1):
+        try:
+            close(fd)
+        except OSError:
+            pass
+
+
+# -- credentials ---------------------------------------------------------------------------
 
 
 class PeerCredentials(tuple[int, int, int]):
@@ -410,49 +567,3 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The peer's (pid, uid, gid) as the kernel recorded them at connect time."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(_UCRED.unpack(raw))
-
-
-def worker_listener(name: str = "worker.sock", *, backlog: int = 16) -> tuple[socket.socket, str]:
-    """A listening AF_UNIX socket for a restore worker: mode 0600 inside a fresh 0700 dir.
-
-    The socket lives in the filesystem (never the abstract namespace, which has no
-    permissions), in a directory only this user can enter, named uniquely so concurrent
-    restores never collide. Returns (socket, path); remove the directory when done.
-    """
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="pyautofs-")  # created 0700
-    path = os.path.join(directory, name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)  # the socket file is created 0600
-    try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        os.rmdir(directory)
-        raise
-    finally:
-        os.umask(old)
-    sock.listen(backlog)
-    return sock, path
-
-
-def accept_peer(
-    listener: socket.socket, *, uid: int | None = None, pid: int | None = None
-) -> tuple[socket.socket, PeerCredentials]:
-    """Accept one connection whose peer has the expected uid (default: ours) and pid.
-
-    Connections from anyone else are closed and refused with ``PermissionError`` naming who
-    tried: a restore worker must take fds only from its coordinator.
-    """
-    want_uid = os.getuid() if uid is None else uid
-    conn, _ = listener.accept()
-    creds = peer_credentials(conn)
-    if creds.uid != want_uid or (pid is not None and creds.pid != pid):
-        conn.close()
-        expected = f"uid {want_uid}" + (f", pid {pid}" if pid is not None else "")
-        raise PermissionError(
-            errno.EACCES,
-            f"refused a connection from pid {creds.pid} uid {creds.uid}: expected {expected}",
-        )
-    return conn, creds
