@@ -46,8 +46,9 @@ from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
 from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
+from .._sys._autofs import AutofsControl
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
-from .._sys._mountinfo import read_mountinfo
+from .._sys._mountinfo import autofs_mounts, read_mountinfo
 from .._sys._resolve import open_dir_cached
 from .._sys._trust import check_trusted
 from ._automounter import Automounter, MountHandler
@@ -922,6 +923,31 @@ def _status(server: MapServer) -> str:
     )
 
 
+def _make_catatonic(paths: Sequence[str]) -> int:
+    """CATATONIC on each autofs mount at ``paths``: every process waiting on it is woken
+    with ENOENT (a forced exit answers nothing else). Returns how many went catatonic."""
+    wanted = set(paths)
+    done = 0
+    try:
+        with AutofsControl.open() as ctl:
+            for m in autofs_mounts():
+                if m.mount_point not in wanted or m.catatonic:
+                    continue
+                try:
+                    fd = ctl.openmount(m.mount_point, m.dev)
+                    try:
+                        ctl.catatonic(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    log.warning("%s: not made catatonic: %s", printable(m.mount_point), exc)
+                    continue
+                done += 1
+    except OSError as exc:
+        log.warning("mounts not made catatonic: %s", exc)
+    return done
+
+
 class _Serving:
     """The signal loop of one :func:`serve` run, and what it knows about the run's phase."""
 
@@ -983,6 +1009,13 @@ class _Serving:
             self.handed_over = True
             self.notifier.main_pid(pid)
             log.info("handed over to pid %d; exiting", pid)
+            if self.stopping:
+                # The shutdown asked for during the upgrade is the successor's to do now.
+                log.info("passing the shutdown asked for during the upgrade on to pid %d", pid)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         elif self.stopping:
             am.stop()
 
@@ -994,6 +1027,12 @@ class _Serving:
                 if self.stopping:
                     log.warning(
                         "second %s: forcing the exit; left behind: %s", name, self.left_behind()
+                    )
+                    released = _make_catatonic(am.mount_points)
+                    log.warning(
+                        "%d autofs mount(s) made catatonic: waiting lookups fail with ENOENT "
+                        "now, and the next pyautofs serve adopts the mounts and their keys",
+                        released,
                     )
                     for handler in logging.getLogger("pyautofs").handlers:
                         handler.flush()
