@@ -948,6 +948,20 @@ def _make_catatonic(paths: Sequence[str]) -> int:
     return done
 
 
+def successor_env(environ: Mapping[str, str], pid: int) -> dict[str, str]:
+    """The environment of an upgrade's successor.
+
+    systemd's watchdog names its process in WATCHDOG_PID; once this process has sent
+    MAINPID= for its successor, the successor is the one to feed it, so a WATCHDOG_PID that
+    names this process is dropped (unset, it means "whoever reads it"). The rest, with
+    NOTIFY_SOCKET and WATCHDOG_USEC, passes on as it is.
+    """
+    env = dict(environ)
+    if env.get("WATCHDOG_PID") == str(pid):
+        del env["WATCHDOG_PID"]
+    return env
+
+
 class _Serving:
     """The signal loop of one :func:`serve` run, and what it knows about the run's phase."""
 
@@ -999,7 +1013,8 @@ class _Serving:
     async def _upgrade(self) -> None:
         am = self.server.automounter
         try:
-            pid = await am.hand_over([sys.executable, "-m", "pyautofs", *self.argv], env=self.env)
+            env = successor_env(os.environ if self.env is None else self.env, os.getpid())
+            pid = await am.hand_over([sys.executable, "-m", "pyautofs", *self.argv], env=env)
         except RuntimeError as exc:  # the engine refuses (shutting down, or already handing over)
             log.warning("SIGUSR2: no upgrade: %s", exc)
             pid = None
