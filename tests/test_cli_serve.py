@@ -276,6 +276,11 @@ def test_second_sigterm_forces_the_exit_and_says_what_is_left(tmp_path: Path) ->
             rf"0 key\(s\) mounted; 1 autofs mount\(s\): {re.escape(str(mnt))}",
             text,
         ), text
+        assert "1 autofs mount(s) made catatonic: waiting lookups fail with ENOENT" in text
+        # The stuck client was released at once (CATATONIC), not left in the kernel.
+        assert client.wait(timeout=10) == 1  # stat(1): No such file or directory
+        (m,) = [m for m in autofs_mounts() if m.mount_point == str(mnt)]
+        assert m.catatonic
     finally:
         os.killpg(s.proc.pid, signal.SIGKILL)  # the map program, orphaned
         if s.proc.poll() is None:
