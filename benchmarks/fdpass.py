@@ -16,13 +16,9 @@ do not) and closes what it receives, with one of two sinks, for C and Python ali
 run of fd numbers: :func:`pyautofs.close_fds`, or the same loop in C). Batches beyond 253
 fds exist only for pyautofs's own variants; the others cannot carry them in one call.
 
-Each measurement forks a sender that queues every message first (the socket's send buffer
-raised with SO_SNDBUFFORCE, as root), then says so; the receiver, once set up (imports,
-``trio.run`` and channel creation stay outside the timed region), starts the clock and
-drains the queue. So what is timed is the receiver's own work per message, not the
-scheduler's wake-ups between two busy processes (which swing the figures by 2x on a loaded
-2-vCPU machine). Without the privilege the two run concurrently. Repeats are interleaved
-across variants, and medians reported.
+Each measurement forks a sender that waits on a gate; the receiver starts the clock and
+opens the gate once it is set up (imports, ``trio.run`` and channel creation stay outside
+the timed region). Repeats are interleaved across variants, and medians reported.
 """
 
 from __future__ import annotations
@@ -61,9 +57,6 @@ VARIANTS = (
 _OURS = ("pyautofs", "pyautofs-many", "pyautofs-trio", "pyautofs-trio-many")
 _C_SOURCE = Path(__file__).with_name("fdpass_c.c")
 _CTRUNC = int(socket.MSG_CTRUNC)
-_SO_SNDBUFFORCE = int(getattr(socket, "SO_SNDBUFFORCE", 32))
-_QUEUE_BYTES = 1 << 28  # room for a whole measurement's messages in the socket
-_MAX_MESSAGES = 20_000  # per measurement: about 1 KiB of kernel memory each while queued
 _MANY = 64  # messages per receive_many / recv_fds_many call, at most ...
 _MANY_FDS = 4096  # ... and fds: a batch holds all its fds open at once
 
@@ -159,30 +152,26 @@ async def _receive_async(
 def _measure_python(kind: str, batch: int, messages: int, sink: str) -> float:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     r, w = os.pipe()
-    done_r, done_w = os.pipe()
+    gate_r, gate_w = os.pipe()
     fds = ([r, w] * ((batch + 1) // 2))[:batch]
     records = _records(kind, fds)
     pid = os.fork()
     if pid == 0:
         try:
             a.close()
-            os.close(done_r)
-            filled = _room_for_all(b)
-            if not filled:
-                os.write(done_w, b"c")  # concurrent: the receiver starts now
+            os.close(gate_w)
+            os.read(gate_r, 1)
             _sender(b, records, messages)
-            if filled:
-                os.write(done_w, b"f")  # everything is queued: the receiver starts now
         finally:
             os._exit(0)
     b.close()
-    os.close(done_w)
+    os.close(gate_r)
     t0 = 0.0
 
     def start() -> None:
         nonlocal t0
-        os.read(done_r, 1)
         t0 = time.perf_counter()
+        os.write(gate_w, b"g")
 
     try:
         if kind in ("stdlib", "pyautofs", "pyautofs-many"):
@@ -192,23 +181,13 @@ def _measure_python(kind: str, batch: int, messages: int, sink: str) -> float:
             trio.run(_receive_async, kind, a, batch, messages, sink, start)
         elapsed = time.perf_counter() - t0
     finally:
-        os.close(done_r)
+        os.close(gate_w)
         if a.fileno() >= 0:
             a.close()  # a receiver that failed early must not leave the sender blocked
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
     return batch * messages / elapsed
-
-
-def _room_for_all(sock: socket.socket) -> bool:
-    """Let the sender queue every message before the clock starts (SO_SNDBUFFORCE needs
-    CAP_NET_ADMIN); without it the sender and the receiver run concurrently."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _QUEUE_BYTES)
-    except OSError:
-        return False
-    return True
 
 
 def _compile_c(workdir: str) -> str | None:
@@ -276,7 +255,7 @@ def _run(
     total = sum(len(v) for v in plan.values()) * repeats
     done = 0
     for batch in BATCHES:
-        messages = max(200, min(_MAX_MESSAGES, budget // batch))
+        messages = max(200, budget // batch)
         for sink in SINKS:
             variants = plan[(batch, sink)]
             samples: dict[str, list[float]] = {v: [] for v in variants}

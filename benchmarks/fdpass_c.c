@@ -1,7 +1,6 @@
 /* The C reference for the fdpass benchmark: a sender child and a receiver parent over a
  * socketpair, BATCH fds per sendmsg, MESSAGES messages. The sender reuses one prebuilt
- * message (as the Python senders do) and queues them all before the receiver starts its
- * clock (SO_SNDBUFFORCE; without that privilege the two run concurrently). The receiver
+ * message (as the Python senders do) and starts when the receiver is ready. The receiver
  * closes what it gets: SINK "close" is one close() per fd, "close_range" one close_range()
  * per contiguous run of fd numbers (as pyautofs.close_fds does).
  * Prints the receiver's elapsed seconds. Usage: fdpass_c BATCH MESSAGES SINK */
@@ -36,9 +35,9 @@ int main(int argc, char **argv) {
     if (argc != 4) return 2;
     int batch = atoi(argv[1]), messages = atoi(argv[2]);
     int use_range = strcmp(argv[3], "close_range") == 0;
-    int sv[2], pfd[2], done[2];
+    int sv[2], pfd[2], gate[2];
     if (batch < 1 || batch > 253 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) || pipe(pfd) ||
-        pipe(done))
+        pipe(gate))
         return 2;
     size_t space = CMSG_SPACE(sizeof(int) * batch);
     char *cbuf = calloc(1, space);
@@ -50,7 +49,7 @@ int main(int argc, char **argv) {
     pid_t pid = fork();
     if (pid == 0) {
         close(sv[0]);
-        close(done[0]);
+        close(gate[1]);
         msg.msg_control = cbuf;
         msg.msg_controllen = space;
         struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
@@ -59,21 +58,18 @@ int main(int argc, char **argv) {
         c->cmsg_len = CMSG_LEN(sizeof(int) * batch);
         int *fds = (int *)CMSG_DATA(c);
         for (int j = 0; j < batch; j++) fds[j] = pfd[j & 1];
-        int room = 1 << 28;
-        int filled = setsockopt(sv[1], SOL_SOCKET, SO_SNDBUFFORCE, &room, sizeof room) == 0;
-        if (!filled && write(done[1], "c", 1) != 1) _exit(1);
+        char go;
+        if (read(gate[0], &go, 1) != 1) _exit(1);
         for (int i = 0; i < messages; i++)
             if (sendmsg(sv[1], &msg, 0) < 0) _exit(1);
-        if (filled && write(done[1], "f", 1) != 1) _exit(1);
         _exit(0);
     }
     close(sv[1]);
-    close(done[1]);
+    close(gate[0]);
     char *rbuf = calloc(1, CMSG_SPACE(sizeof(int) * 253));
     struct timespec t0, t1;
-    char go;
-    if (read(done[0], &go, 1) != 1) return 3;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (write(gate[1], "g", 1) != 1) return 3;
     for (int i = 0; i < messages; i++) {
         msg.msg_control = rbuf;
         msg.msg_controllen = CMSG_SPACE(sizeof(int) * 253);
