@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 from collections.abc import Callable, Iterator
 
@@ -106,6 +107,18 @@ def _with_ratios(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return rows
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time process ``pid`` has used so far, every thread, in ns (``schedstat``)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def _phase_rows(
     phase: str,
     samples: dict[str, list[int]],
@@ -141,6 +154,8 @@ def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
     phases = ("new key", "already mounted", "new key, same CPU")
     samples: dict[str, dict[str, list[int]]] = {ph: {v: [] for v in variants} for ph in phases}
     failed: dict[str, dict[str, int]] = {ph: dict.fromkeys(variants, 0) for ph in phases}
+    cpu = dict.fromkeys(variants, 0)
+    cpu_keys = dict.fromkeys(variants, 0)
     steps = (p["rounds"] + 1) * len(variants)
     done = 0
     rows: list[dict[str, object]] = []
@@ -155,7 +170,10 @@ def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
                 )
                 done += 1
                 with _serving(ws, variant, mapfile, f"r{r}", progress) as server:
+                    cpu0 = cpu_ns(server.pid)
                     (c,) = run_clients(ws, server.mountpoint, "k", [(0, p["keys"])], passes=2)
+                    cpu[variant] += cpu_ns(server.pid) - cpu0
+                    cpu_keys[variant] += p["keys"]
                     pin(server.pid, {0})
                     (same,) = run_clients(ws, server.mountpoint, "p", [(0, p["keys"])], cpus={0})
                 for phase, ns, errors in (
@@ -167,6 +185,14 @@ def run(quick: bool, progress: Callable[..., None]) -> list[dict[str, object]]:
                     failed[phase][variant] += len(errors)
         for phase in phases:
             rows += _phase_rows(phase, samples[phase], failed[phase], variants)
+        # Server CPU (every thread, from schedstat) per new key, over the new-key passes.
+        floor_cpu = cpu["floor"] / max(1, cpu_keys["floor"]) / 1e3
+        for row in rows:
+            if row["phase"] == "new key":
+                v = str(row["variant"])
+                mine = cpu[v] / max(1, cpu_keys[v]) / 1e3
+                row["cpu_us_per_key"] = mine
+                row["cpu_vs_floor"] = mine / floor_cpu if floor_cpu else math.nan
 
         per = p["concurrent"] // p["clients"]
         concurrent = []

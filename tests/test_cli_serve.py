@@ -392,3 +392,28 @@ def test_a_program_map_another_user_could_change_is_never_run(tmp_path: Path) ->
     assert (
         f"map program {prog} key: not run: refusing {shared}: mode 0777 lets other users change it"
     ) in s.text()
+
+
+@pytest.mark.kernel
+def test_sigterm_during_an_upgrade_stops_the_successor_too(tmp_path: Path, exports: Path) -> None:
+    amap = tmp_path / "auto.map"
+    amap.write_text(f"alpha :{exports}/alpha\n")
+    mnt = tmp_path / "mnt"
+    s = Serve(tmp_path, str(mnt), str(amap))
+    successor = 0
+    try:
+        s.proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0
+        text = s.text()
+        assert "SIGTERM: shutting down once the upgrade in progress has ended" in text
+        found = re.search(r"handed over to pid (\d+); exiting", text)
+        assert found, text
+        successor = int(found.group(1))
+        assert f"passing the shutdown asked for during the upgrade on to pid {successor}" in text
+        wait_for(lambda: gone(successor), "the successor did not shut down")
+    finally:
+        if successor and not gone(successor):
+            os.kill(successor, signal.SIGKILL)
+    assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]

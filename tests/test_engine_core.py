@@ -475,3 +475,57 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
         assert proc.stdout is not None
         proc.stdout.close()
     assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]
+
+
+def test_made_up_names_under_a_multi_mount_map_cost_no_fds() -> None:
+    """An unprivileged user looks up 300 made-up names, each getting two offset triggers,
+    against a server whose fd limit is 256 (hard): real keys still work afterwards."""
+    import shutil
+    import tempfile
+
+    from test_serve import start_serve
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="pyautofs-fds-"))  # one uid 65534 can walk
+    tmp_path.chmod(0o755)
+    exports = tmp_path / "exports"
+    (exports / "a").mkdir(parents=True)
+    (exports / "a" / "f").write_text("a")
+    amap = tmp_path / "auto.multi"
+    amap.write_text(f"* /x :{exports}/a /y :{exports}/a\n")
+    os.chmod(tmp_path, 0o755)
+    mnt = tmp_path / "mnt"
+    log = tmp_path / "serve.log"
+    proc = start_serve(
+        log,
+        ["--lock-dir", str(tmp_path / "locks"), "--timeout", "0", str(mnt), str(amap)],
+        wrapper=["prlimit", "--nofile=256:256", "--"],
+    )
+    try:
+        names = " ".join(f"made-up-{i}" for i in range(300))
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                f"cd {mnt} && for n in {names}; do stat $n >/dev/null 2>&1; done",
+            ],
+            check=False,
+            timeout=120,
+            start_new_session=True,
+        )
+        assert done.returncode == 0
+        triggers = [a for a in autofs_mounts() if a.mount_point.startswith(str(mnt) + "/")]
+        assert len(triggers) >= 600  # two offset triggers per made-up key
+        fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        assert fds < 40, fds
+        assert (mnt / "real" / "x" / "f").read_text() == "a"  # the test is not in serve's group
+    finally:
+        proc.send_signal(15)
+        proc.wait(timeout=60)
+    assert not [a for a in autofs_mounts() if a.mount_point.startswith(str(mnt))]
+    shutil.rmtree(tmp_path)

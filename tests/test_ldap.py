@@ -32,6 +32,7 @@ from pyautofs._maps._ldap import (
     load_ldap_settings,
     parse_ldap_map_name,
 )
+from pyautofs._sys._mountinfo import autofs_mounts
 
 ldap = pytest.importorskip("ldap", reason="LDAP maps need python-ldap (the 'ldap' extra)")
 
@@ -170,6 +171,9 @@ async def test_lookups_wildcards_schemas_and_injection(slapd: Slapd) -> None:
         assert source(await pool.lookup(m, "home", {"USER": "alice"})) == "/home/alice"
         assert source(await pool.lookup(m, "$USER", {"USER": "alice"})) == "/srv/exports/$USER"
         # An injected filter finds nothing more than the wildcard gives any unknown key.
+        # Key text is never unquoted or taken as a comment: these stay names.
+        for key in ('..""', "..#", ".\\.", "''.."):
+            assert source(await pool.lookup(m, key, {})) == f"/srv/exports/{key}"
         e = await pool.lookup(m, "*)(objectClass=*", {})
         assert source(e) == "/srv/exports/*)(objectClass=*"
         star = ldapi_map(slapd, f"automountMapName=auto.star,{SUFFIX}")
@@ -495,13 +499,15 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(
     new_slapd: Callable[..., Slapd],
     new_serve: Callable[..., Serve],
 ) -> None:
-    server = new_slapd(directory_entries(str(exports)))
+    direct = {f"{tmp_path}/direct/beta": f":{exports}/beta", "/": ":/", "*": ":/"}
+    server = new_slapd(directory_entries(str(exports)) + automount_map_ldif("auto.direct", direct))
     conf = tmp_path / "autofs.conf"
     conf.write_text(f"LDAP_URI={server.ldapi_uri}\nLDAP_AUTH=external\nLDAP_TIMEOUT=3\n")
     master = tmp_path / "auto.master"
     master.write_text(
         f"{tmp_path}/mnt ldap:{TEST_DN}\n{tmp_path}/nis ldap:{NIS_DN}\n"
         f"{tmp_path}/star ldap:automountMapName=auto.star,{SUFFIX}\n"
+        f"/- ldap:automountMapName=auto.direct,{SUFFIX}\n"
     )
     new_serve(conf, "--master", str(master))
     assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
@@ -512,6 +518,11 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(
     assert lookup(tmp_path / "mnt" / "*)(objectClass=*") == (0, "*)(objectClass=*")
     assert lookup(tmp_path / "star" / "delta") == (0, "delta")  # the "*" wildcard
     assert lookup(tmp_path / "nis" / "*)(cn=*")[0] == 2
+    # A direct map from LDAP: its keys read at start ("/" and "*" are not mount points).
+    assert lookup(tmp_path / "direct" / "beta") == (0, "beta")
+    assert [m.mount_point for m in autofs_mounts() if m.mount_point.startswith("/tmp")].count(
+        f"{tmp_path}/direct/beta"
+    ) == 1
     # An LDAP map named on the command line, as a map file would be.
     new_serve(conf, str(tmp_path / "cli"), f"ldap:{TEST_DN}")
     assert lookup(tmp_path / "cli" / "beta") == (0, "beta")

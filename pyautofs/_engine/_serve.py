@@ -40,7 +40,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from .._maps._ldap import LdapMap, is_ldap_name
+from .._maps._ldap import LdapMap, is_ldap_name, read_map_keys
 from .._maps._program import MAX_PROGRAM_OUTPUT, ProgramMap
 from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
@@ -114,17 +114,20 @@ def config_from_master(master: str, default_timeout: int = 600) -> list[MountCon
                 "%s: direct map %s: %s", printable(master), printable(e.map_path), exc.strerror
             )
             continue
-        if not isinstance(m, SunMap):
-            kind = "program" if isinstance(m, ProgramMap) else "LDAP"
+        if isinstance(m, ProgramMap):
             log.warning(
-                "%s: direct %s map %s is not supported",
+                "%s: direct program map %s is not supported",
                 printable(master),
-                kind,
                 printable(e.map_path),
             )
             continue
+        try:
+            keys = read_map_keys(m) if isinstance(m, LdapMap) else m.keys()
+        except OSError as exc:
+            log.warning("%s: direct map %s: %s", printable(master), printable(e.map_path), exc)
+            continue
         seen = {mc.mount_point for mc in out}
-        for key in m.keys():  # noqa: SIM118 - a SunMap, not a dict
+        for key in keys:
             if key in seen:
                 log.warning(
                     "%s: %s is in two maps; the first one serves it",
@@ -980,6 +983,13 @@ class _Serving:
             self.handed_over = True
             self.notifier.main_pid(pid)
             log.info("handed over to pid %d; exiting", pid)
+            if self.stopping:
+                # The shutdown asked for during the upgrade is the successor's to do now.
+                log.info("passing the shutdown asked for during the upgrade on to pid %d", pid)
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         elif self.stopping:
             am.stop()
 

@@ -64,6 +64,7 @@ __all__ = [
     "connect",
     "read_master_map",
     "read_master_text",
+    "read_map_keys",
 ]
 
 DEFAULT_CONFIG = "/etc/default/autofs"
@@ -241,7 +242,7 @@ class LdapMap:
             value = values[0].decode("utf-8", "replace")
             for k in keys:
                 found.setdefault(k.decode("utf-8", "surrogateescape"), value)
-        for candidate in (key, "/", "*"):
+        for candidate in (key,) if self.direct else (key, "/", "*"):
             if candidate in found:
                 return found[candidate]
         return None
@@ -463,6 +464,35 @@ def _drop(handle: Any) -> None:
         handle.unbind_ext()
     except ldap.LDAPError:
         pass
+
+
+def read_map_keys(amap: LdapMap) -> list[str]:
+    """Every key of a direct map in LDAP (blocking: at start and on SIGHUP, as automount(8)
+    reads a direct map whole to set up its mounts). Raises LdapError."""
+    import ldap
+
+    conn = connect(amap.uris, amap.settings)
+    try:
+        try:
+            results = conn.handle.search_ext_s(
+                amap.dn,
+                ldap.SCOPE_ONELEVEL,
+                f"(objectClass={amap.schema.entry_object_class})",
+                [amap.schema.entry_attribute],
+                timeout=amap.settings.timeout,
+            )
+        except ldap.LDAPError as exc:
+            raise _error(conn.uri, exc) from None
+    finally:
+        conn.close()
+    keys = []
+    for _dn, attributes in sorted(results):
+        lowered = {k.lower(): v for k, v in attributes.items()}
+        for raw in lowered.get(amap.schema.entry_attribute.lower()) or []:
+            key = raw.decode("utf-8", "surrogateescape")
+            if key != "/" and valid_key(key, direct=True) and key not in keys:
+                keys.append(key)
+    return keys
 
 
 def read_master_text(name: str, settings: LdapSettings | None = None) -> str:
