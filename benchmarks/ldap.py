@@ -1,8 +1,9 @@
 """LDAP maps: a new key's lookup from an LDAP map, a file map and automount(8) with LDAP.
 
-One OpenLDAP slapd, started for the run with a temporary config and database (the tests'
-``tests/_slapd.py``), holds one RFC 2307bis map of ``kN -fstype=bind :EXPORT`` entries; the
-file map holds the same lines. Variants, all on the same keys:
+One OpenLDAP slapd, started for the run with a temporary config and database
+(``_slapd.py``, which the tests use too), holds one RFC 2307bis map of
+``kN -fstype=bind :EXPORT`` entries; the file map holds the same lines. Variants, all on
+the same keys:
 
 - ``pyautofs ldapi``: ``pyautofs serve`` on ``ldap:DN`` over ldapi://, SASL EXTERNAL;
 - ``pyautofs ldap``: the same over ldap://127.0.0.1 (TCP), anonymous, as automount here;
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import importlib.util
 import math
 import os
 import signal
@@ -36,11 +36,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 
-from pyautofs._sys._trust import check_trusted
-
+from . import _slapd
 from ._autofs_common import (
     Server,
     Workspace,
@@ -136,18 +133,6 @@ def _params(quick: bool) -> dict[str, int]:
     return {"rounds": 3, "keys": 200, "clients": 100, "per_client": 5}
 
 
-def _slapd_module() -> ModuleType:
-    """The tests' slapd helper (one definition of how a throwaway slapd is set up)."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "_slapd.py"
-    check_trusted(path.parent)
-    check_trusted(path)
-    spec = importlib.util.spec_from_file_location("pyautofs_bench_slapd", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _start_serve_ldap(ws: Workspace, mountpoint: str, name: str, config: str) -> Server:
     argv = [sys.executable, "-m", "pyautofs", "serve", "--timeout", "0", mountpoint, name]
     log = ws.path(f"pyautofs-{os.path.basename(mountpoint)}.log")
@@ -206,7 +191,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict[str, object]]
     problem = check_environment(automount=True)
     if problem:
         raise RuntimeError(f"the ldap benchmark {problem}")
-    slapd_mod = _slapd_module()
+    slapd_mod = _slapd
     if slapd_mod.SLAPD is None:
         raise RuntimeError("the ldap benchmark needs OpenLDAP's slapd (Debian package slapd)")
     try:  # not "import ldap": this very file is "ldap" on the benchmarks' sys.path

@@ -87,11 +87,15 @@ def _sizes(quick: bool) -> dict[int, int]:
 
 
 def _images(base: str, n: int, kept: bool) -> list[AutofsMountImage]:
+    """Kept style: read end at FD_BASE + 2i, write end at + 1. Closed style: read end at
+    FD_BASE + i, and no temporary place for the write end (``fd=-1``), so that 10,000
+    mounts fit in 20,000 fds."""
     images = []
     for i in range(n):
         mount_point = os.path.join(base, f"m{i}")
         os.mkdir(mount_point)
-        read_fd, write_fd = FD_BASE + 2 * i, FD_BASE + 2 * i + 1
+        read_fd = FD_BASE + 2 * i if kept else FD_BASE + i
+        write_fd = read_fd + 1 if kept else -1
         owner = AutofsOwner(
             pid=1,
             pgrp=1,
@@ -112,6 +116,24 @@ def _images(base: str, n: int, kept: bool) -> list[AutofsMountImage]:
             )
         )
     return images
+
+
+def _fits(n: int, kept: bool | None) -> bool:
+    """Whether ``n`` mounts' fds fit this machine's RLIMIT_NOFILE: in a worker, the targets
+    (two per mount when the write end is kept, one when closed); in an Automounter (``kept``
+    is then None), its pipe's read end and an ioctl fd per indirect mount."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    top = FD_BASE + (n if kept is False else 2 * n) + 64
+    return hard == resource.RLIM_INFINITY or top <= hard
+
+
+def _not_run(variant: str, n: int, fds: int) -> dict[str, object]:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return {
+        "variant": f"{variant}: not run",
+        "n": n,
+        "skipped": f"needs about {fds} fds; RLIMIT_NOFILE hard limit {hard}",
+    }
 
 
 def _owned_by(base: str, pgrp: int) -> int:
@@ -254,17 +276,27 @@ def _mount_rows(
     for n, repeats in sizes.items():
         for i in range(repeats):
             for style, kept in STYLES:
+                if not _fits(n, kept):
+                    continue
                 progress(f"restoring {n} mounts into a worker ({style}), run {i + 1}/{repeats}")
                 base = ws.path(f"w{int(kept)}-{n}-{i}")
                 os.mkdir(base)
                 worker_runs[kept].setdefault(n, []).append(_into_worker(ws, base, n, kept))
+            if not _fits(n, None):
+                continue
             progress(f"restoring {n} mounts into an Automounter, run {i + 1}/{repeats}")
             base = ws.path(f"a-{n}-{i}")
             os.mkdir(base)
             engine_runs.setdefault(n, []).append(_into_automounter(base, n))
     for style, kept in STYLES:
         rows += _series(f"into a worker, {style}", worker_runs[kept], "total")
+        rows += [
+            _not_run(f"into a worker, {style}", n, FD_BASE + (2 if kept else 1) * n)
+            for n in sizes
+            if not _fits(n, kept)
+        ]
     rows += _series("into an Automounter", engine_runs, "total")
+    rows += [_not_run("into an Automounter", n, 2 * n) for n in sizes if not _fits(n, None)]
     rows += _series("dump_autofs_mounts, one batch", worker_runs[True], "dump_batch")
     rows += _series("dump_autofs_mount, one by one", worker_runs[True], "dump_single")
     return rows

@@ -94,14 +94,16 @@ def test_restore_quick(tmp_path: Path) -> None:
     assert {(r["variant"], r["n"]) for r in mounts} == {(w, n) for w in ways for n in (1, 10, 100)}
     for row in mounts:
         assert row["owned"] == row["n"]
-        assert row["total_ms"] > 0 and row["per_item_us"] > 0 and row["vs_fit"] > 0
+        assert row["total_ms"] > 0 and row["per_item_us"] > 0
+        # No ratio when noise made the fitted slope zero or less (a loaded machine, N <= 100).
+        assert row.get("vs_fit") is None or row["vs_fit"] > 0
     fits = {r["variant"]: r for r in rows if ": fit over N = 1..100" in r["variant"]}
     assert {v.split(":")[0] for v in fits} == {
         *ways,
         "dump_autofs_mounts, one batch",
         "dump_autofs_mount, one by one",
     }
-    assert all(r["per_item_us"] > 0 and r["r2"] <= 1 for r in fits.values())
+    assert all(isinstance(r["per_item_us"], (int, float)) and r["r2"] <= 1 for r in fits.values())
     variants = {r["variant"] for r in rows}
     for size in ("0 B", "64 KiB", "1 MiB"):
         assert {f"restore_pipe {size}", f"by hand {size}"} <= variants

@@ -262,3 +262,14 @@ def test_encode_refuses_oversized_data() -> None:
 
     with pytest.raises(ValueError, match="limited to"):
         encode_message([], Huge(), stream=True)
+
+
+def test_a_header_announcing_no_fds_but_carrying_one_is_never_delivered() -> None:
+    # Found by the property test above: a stream message whose header says 0 fds while
+    # the read that holds it carries 1 was delivered as (b"", []) before the error.
+    kernel, sent, whole = build(True, [(1, 0)], "count", 0)
+    assert whole == 0
+    out, error, leftover, fed = run_reader(kernel, FdMessageReader(True), [1], False)
+    assert out == []
+    assert isinstance(error, FdPassError)
+    assert sorted(leftover) == sorted(fed) == sent[0][1]

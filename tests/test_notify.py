@@ -175,3 +175,17 @@ def test_ready_fd_that_is_not_open_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         "pyautofs serve: --ready-fd 57: fd 57 is not open in this process"
     ]
+
+
+def test_the_upgrade_successor_feeds_the_watchdog() -> None:
+    from pyautofs._engine._serve import successor_env
+
+    env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "41"}
+    mine = successor_env(env, 41)
+    assert "WATCHDOG_PID" not in mine and mine["WATCHDOG_USEC"] == "30000000"
+    n = Notifier.from_environment(environ=mine)
+    try:
+        assert n.watchdog_interval == 15.0
+    finally:
+        n.close()
+    assert successor_env(env, 42) == env  # someone else's watchdog stays theirs

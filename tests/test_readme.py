@@ -26,6 +26,7 @@ import re
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -233,20 +234,41 @@ def run_automounter(block: Block, tmp_path: Path) -> None:
             kill(proc)
 
 
+def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for READY=1 on the NOTIFY_SOCKET the test bound (sd_notify, as under systemd)."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        assert proc.poll() is None, f"exited ({proc.returncode}) before READY:\n{log_text(log)}"
+        left = deadline - time.monotonic()
+        assert left > 0, f"no READY=1 in {DEADLINE}s:\n{log_text(log)}"
+        readable = select.select([notify], [], [], min(left, 0.2))[0]
+        if readable and b"READY=1" in notify.recv(4096).split(b"\n"):
+            return
+
+
 def run_serve_line(line: str, tmp_path: Path) -> None:
-    """One ``pyautofs serve`` command: serve, look up, SIGTERM, exit 0, nothing left."""
+    """One ``pyautofs serve`` command: serve, look up, SIGTERM, exit 0, nothing left.
+
+    The command runs exactly as written; readiness comes from sd_notify (NOTIFY_SOCKET),
+    as a supervisor would get it, not from the log."""
     log = tmp_path / "serve.log"
-    with private_namespace() as ns, log.open("wb") as err:
+    notify_path = tmp_path / "notify"
+    with (
+        private_namespace() as ns,
+        log.open("wb") as err,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify,
+    ):
+        notify.bind(str(notify_path))
         proc = subprocess.Popen(
             [*ns.enter, "bash", "-c", line],
             stdout=err,
             stderr=err,
             stdin=subprocess.DEVNULL,
-            env=env(),
+            env={**env(), "NOTIFY_SOCKET": str(notify_path)},
             start_new_session=True,
         )
         try:
-            wait_for("'serving'", lambda: "mount(s); pid" in log_text(log), proc, log)
+            wait_ready(notify, proc, log)
             r = ns.lookup("/mnt/auto/hello/f")
             assert (r.returncode, r.stdout) == (0, CONTENT), r.stderr + log_text(log)
             os.killpg(proc.pid, signal.SIGTERM)

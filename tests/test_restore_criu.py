@@ -107,7 +107,7 @@ def test_hook_pauses_expiry_before_a_dump_and_resumes_after(
     time.sleep(3.5)  # three expire checks of a 1 s timeout: the key would have gone
     assert mounted(auto / "k")
     code, out = hook(action="post-resume", pid=pid)
-    assert code == 0 and "resumed" in out, out
+    assert code == 0 and "restored 0" in out, out  # no device changed: not restored
     wait_for("expired", lambda: not mounted(auto / "k"))
     # After a dump that leaves the tree running, post-dump only queues the resume (CRIU
     # runs it while the tree is still frozen); serve reads it once it runs.
@@ -143,3 +143,86 @@ def test_hook_in_a_tree_without_serve_does_nothing() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_serve_in_its_own_pid_namespace_leads_its_session(tmp_path: Path) -> None:
+    """CRIU dumps a pid namespace's tree only if its session leader is inside: serve, run
+    as ``unshare --pid --fork`` from a script, makes a session of its own."""
+    from test_serve import start_serve
+
+    amap = tmp_path / "auto.map"
+    amap.write_text("k -fstype=tmpfs :tmpfs\n")
+    wrapper = ["unshare", "--pid", "--fork", "--mount", "--propagation", "private"]
+    args = ["--lock-dir", str(tmp_path / "locks"), str(tmp_path / "auto"), str(amap)]
+    proc = start_serve(tmp_path / "serve.log", args, wrapper=wrapper)
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            (serve,) = map(int, f.read().split())
+        with open(f"/proc/{serve}/status") as f:
+            assert f"NSpid:\t{serve}\t1\n" in f.read()  # pid 1 of its namespace
+        with open(f"/proc/{serve}/stat") as f:
+            pgrp, session = map(int, f.read().rsplit(")", 1)[1].split()[2:4])
+        assert pgrp == session == serve != proc.pid
+    finally:
+        os.kill(serve, 15)
+        assert proc.wait(DEADLINE) == 0
+
+
+async def test_restored_device_numbers_are_followed_even_when_they_collide(
+    tmp_path: Path,
+) -> None:
+    """After a restore each direct mount may get the device number another one had: the
+    packets of one then carry a number the engine knows as the other's. The hook's
+    ``restored`` request makes serve read every number again (what CRIU showed with 130
+    direct mounts: 174 -> 175, 175 -> 176, ...)."""
+    import trio
+    from test_engine_paths import lookups
+
+    import pyautofs
+    from pyautofs._engine._control import ControlServer
+    from pyautofs.lowlevel import AutofsMode, AutofsOptions, autofs_mounts, mount_autofs
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("hello")
+    a, b, other = tmp_path / "a", tmp_path / "b", tmp_path / "other"
+    asked: list[str] = []
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        asked.append(request.path)
+        pyautofs.bind_mount(tmp_path / "src", request.path)
+
+    am = pyautofs.Automounter(lock_dir=str(tmp_path / "locks"))
+    am.add_mount(a, handler, mode="direct")
+    am.add_mount(b, handler, mode="direct")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(am.run)
+            devs = {m.mount_point: m.dev for m in autofs_mounts()}
+            old_a, old_b = devs[str(a)], devs[str(b)]
+            # What a restore leaves: the old superblocks gone, new ones at the same paths
+            # writing into the same (restored) pipe, numbered afresh: another autofs mount
+            # takes a's old number, a gets b's.
+            pyautofs.unmount(a)
+            pyautofs.unmount(b)
+            other.mkdir()
+            r, w = os.pipe()
+            mount_autofs(str(other), AutofsOptions(fd=w, pgrp=os.getpgrp()))
+            os.close(w)
+            assert am._shared is not None
+            direct = AutofsOptions(
+                fd=am._shared.write_fd, pgrp=os.getpgrp(), mode=AutofsMode.DIRECT
+            )
+            new_a = mount_autofs(str(a), direct)
+            new_b = mount_autofs(str(b), direct)
+            if new_a != old_b:
+                pytest.skip(f"the kernel numbered them otherwise ({old_a}, {old_b} -> {new_a})")
+            control = ControlServer(am, str(tmp_path / "unused.sock"))
+            assert await control.handle("restored", nursery) == "ok restored 2"
+            assert {m.path: m.dev for m in am._mounts.values()} == {str(a): new_a, str(b): new_b}
+            assert await lookups(a / "f", b / "f") == [0, 0]
+            assert asked == [str(a), str(b)]
+            assert await control.handle("restored", nursery) == "ok restored 0"
+            pyautofs.unmount(other)
+            os.close(r)
+            nursery.cancel_scope.cancel()
+    assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]

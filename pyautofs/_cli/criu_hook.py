@@ -20,8 +20,9 @@ CRTOOLS_INIT_PID; serve is reached through its control socket, found from that t
 
   pre-dump, pre-stream     pause expiry, wait until it is paused (a failure aborts the dump)
   post-dump                resume expiry once the tree runs again (with --leave-running)
-  post-restore             resume expiry once the restored tree runs
-  post-resume              resume expiry, and wait for the answer
+  post-restore             once the restored tree runs: follow the mounts' new device
+                           numbers, then resume expiry
+  post-resume              the same, and wait for the answer
   anything else            nothing
 
 A pause lasts --lease seconds at most, for a dump that fails (CRIU then runs no post-dump).
@@ -37,8 +38,6 @@ examples:
 """
 
 _PAUSE = ("pre-dump", "pre-stream")
-_RESUME_LATER = ("post-dump", "post-restore")
-_RESUME_NOW = ("post-resume",)
 
 
 def add_parser(sub: Any) -> None:
@@ -99,9 +98,13 @@ def main(args: argparse.Namespace) -> int:
     action = args.action or os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
     if action in _PAUSE or action == "pause":
         request, wait = f"pause-expiry {args.lease:g}", True
-    elif action in _RESUME_LATER:
+    elif action == "post-dump":
         request, wait = "resume-expiry", False
-    elif action in _RESUME_NOW or action == "resume":
+    elif action == "post-restore":
+        request, wait = "restored", False
+    elif action == "post-resume":
+        request, wait = "restored", True
+    elif action == "resume":
         request, wait = "resume-expiry", True
     elif action == "status":
         request, wait = "status", True

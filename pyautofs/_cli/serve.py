@@ -332,7 +332,12 @@ def main(args: argparse.Namespace) -> int:
         lock_dir=args.lock_dir,
     )
     argv = _successor_argv(sys.argv[1:])
-    if HANDOVER_ENV not in os.environ and os.getpgrp() != os.getpid():
+    if HANDOVER_ENV not in os.environ and os.getsid(0) == 0:
+        # Our session was made outside our pid namespace (unshare --pid --fork, run from a
+        # script), so it is invisible here, and CRIU refuses to dump a tree whose session
+        # leader is outside its pid namespace: lead a session (and group) of our own.
+        os.setsid()
+    elif HANDOVER_ENV not in os.environ and os.getpgrp() != os.getpid():
         # Lead a process group of our own: lookups from our old group (a script that
         # started us) would not trigger, and CRIU dumps only a process-group leader.
         # (A SIGUSR2 successor stays in its predecessor's group: that is how it answers.)

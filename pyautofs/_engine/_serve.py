@@ -46,8 +46,9 @@ from .._maps._sources import load_map, parse_master_map, reload_map
 from .._maps._sun import SunMap
 from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
+from .._sys._autofs import AutofsControl
 from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
-from .._sys._mountinfo import read_mountinfo
+from .._sys._mountinfo import autofs_mounts, read_mountinfo
 from .._sys._resolve import open_dir_cached
 from .._sys._trust import check_trusted
 from ._automounter import Automounter, MountHandler
@@ -922,6 +923,45 @@ def _status(server: MapServer) -> str:
     )
 
 
+def _make_catatonic(paths: Sequence[str]) -> int:
+    """CATATONIC on each autofs mount at ``paths``: every process waiting on it is woken
+    with ENOENT (a forced exit answers nothing else). Returns how many went catatonic."""
+    wanted = set(paths)
+    done = 0
+    try:
+        with AutofsControl.open() as ctl:
+            for m in autofs_mounts():
+                if m.mount_point not in wanted or m.catatonic:
+                    continue
+                try:
+                    fd = ctl.openmount(m.mount_point, m.dev)
+                    try:
+                        ctl.catatonic(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    log.warning("%s: not made catatonic: %s", printable(m.mount_point), exc)
+                    continue
+                done += 1
+    except OSError as exc:
+        log.warning("mounts not made catatonic: %s", exc)
+    return done
+
+
+def successor_env(environ: Mapping[str, str], pid: int) -> dict[str, str]:
+    """The environment of an upgrade's successor.
+
+    systemd's watchdog names its process in WATCHDOG_PID; once this process has sent
+    MAINPID= for its successor, the successor is the one to feed it, so a WATCHDOG_PID that
+    names this process is dropped (unset, it means "whoever reads it"). The rest, with
+    NOTIFY_SOCKET and WATCHDOG_USEC, passes on as it is.
+    """
+    env = dict(environ)
+    if env.get("WATCHDOG_PID") == str(pid):
+        del env["WATCHDOG_PID"]
+    return env
+
+
 class _Serving:
     """The signal loop of one :func:`serve` run, and what it knows about the run's phase."""
 
@@ -973,7 +1013,8 @@ class _Serving:
     async def _upgrade(self) -> None:
         am = self.server.automounter
         try:
-            pid = await am.hand_over([sys.executable, "-m", "pyautofs", *self.argv], env=self.env)
+            env = successor_env(os.environ if self.env is None else self.env, os.getpid())
+            pid = await am.hand_over([sys.executable, "-m", "pyautofs", *self.argv], env=env)
         except RuntimeError as exc:  # the engine refuses (shutting down, or already handing over)
             log.warning("SIGUSR2: no upgrade: %s", exc)
             pid = None
@@ -1001,6 +1042,12 @@ class _Serving:
                 if self.stopping:
                     log.warning(
                         "second %s: forcing the exit; left behind: %s", name, self.left_behind()
+                    )
+                    released = _make_catatonic(am.mount_points)
+                    log.warning(
+                        "%d autofs mount(s) made catatonic: waiting lookups fail with ENOENT "
+                        "now, and the next pyautofs serve adopts the mounts and their keys",
+                        released,
                     )
                     for handler in logging.getLogger("pyautofs").handlers:
                         handler.flush()

@@ -536,14 +536,12 @@ class FdMessageReader:
                 fds, ctrunc = self._claim(at)
                 self._fds += fds
                 self._check_batch(len(fds), first, ctrunc, 0)
-            self._finish_if_done()
         elif self._phase == _DATA:
             if not self._buf:
                 return False
             n = min(len(self._buf), self._left_data)
             self._data.append(self._take(n))
             self._left_data -= n
-            self._finish_if_done()
         else:
             if len(self._buf) < CONT_SIZE:
                 return False
@@ -552,6 +550,8 @@ class FdMessageReader:
             before = len(self._fds)
             self._fds += fds
             self._check_cont(rec, len(fds), ctrunc, before)
-            self._finish_if_done()
+        # Fds that came with bytes no record claimed make this message a lie: refuse it
+        # before it is queued, so a bad message is never delivered.
         self._check_no_stray(self._base)
+        self._finish_if_done()
         return True

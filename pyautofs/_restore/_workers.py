@@ -5,8 +5,9 @@ in the :class:`RestoreReport` so that a benchmark can see where the time goes:
 
 1. **prepare**: for each job, rebuild the pipe (:func:`~pyautofs.restore_pipe`) and, for an
    autofs mount, recreate the mount catatonic (:func:`recreate_autofs_mount`);
-2. **send**: one message per worker carries every item and fd for it (see
-   :mod:`pyautofs._restore._handover`); the coordinator then closes its copies;
+2. **send**: one message per 512 jobs carries their items and fds to their worker (see
+   :mod:`pyautofs._restore._handover`); the coordinator then closes its copies, so at most
+   about 1,024 fds are in flight whatever the number of jobs;
 3. **confirm**: each worker installs its fds at their exact numbers with one
    ``install_fds``, issues SETPIPEFD for its mounts, and confirms.
 
@@ -40,6 +41,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,6 +97,11 @@ class MountJob:
 
 
 Job = PipeJob | MountJob
+
+_CHUNK_JOBS = 512
+"""Jobs per handover message: at most about 1,024 fds in flight in the coordinator (and
+received at once by a worker) however many jobs there are, and a worker installs one
+message while the coordinator builds the next."""
 
 
 @attrs.frozen
@@ -172,28 +179,42 @@ def restore_to_workers(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     own = control if control is not None else AutofsControl.open()
-    batches = [_Batch(sock) for sock, _ in assignments]
-    per_batch: list[list[RestoredAutofsMount]] = []
+    chunks: list[tuple[_Batch, list[RestoredAutofsMount]]] = []
+    replies: dict[int, dict[str, Any]] = {}
+    prepare = send = confirm = 0.0
     ok = False
+
+    def collect(sock: socket.socket, index: int) -> None:
+        nonlocal confirm
+        t = time.perf_counter()
+        replies[index] = wait_confirmation(sock, timeout, deadline=deadline)
+        confirm += time.perf_counter() - t
+
     try:
-        t0 = time.perf_counter()
-        for batch, (_, jobs) in zip(batches, assignments, strict=True):
-            per_batch.append(_prepare(batch, jobs, own))
-        t1 = time.perf_counter()
-        for batch in batches:
-            try:
-                send_handover(
-                    batch.sock, batch.items, batch.fds, timeout=timeout, deadline=deadline
-                )
-            finally:
-                for fd in batch.fds:
-                    os.close(fd)
-                batch.fds.clear()
-        t2 = time.perf_counter()
+        for sock, jobs in assignments:
+            in_flight: deque[int] = deque()
+            for start in range(0, max(1, len(jobs)), _CHUNK_JOBS):
+                batch = _Batch(sock)
+                t = time.perf_counter()
+                chunks.append((batch, _prepare(batch, jobs[start : start + _CHUNK_JOBS], own)))
+                t1 = time.perf_counter()
+                try:
+                    send_handover(sock, batch.items, batch.fds, timeout=timeout, deadline=deadline)
+                finally:
+                    for fd in batch.fds:
+                        os.close(fd)
+                    batch.fds.clear()
+                prepare += t1 - t
+                send += time.perf_counter() - t1
+                in_flight.append(len(chunks) - 1)
+                if len(in_flight) > 1:  # the worker installs one while we build the next
+                    collect(sock, in_flight.popleft())
+            while in_flight:
+                collect(sock, in_flight.popleft())
         mounts: list[RestoredAutofsMount] = []
         pipe_inodes: list[int] = []
-        for batch, results in zip(batches, per_batch, strict=True):
-            reply = wait_confirmation(batch.sock, timeout, deadline=deadline)
+        for index, (batch, results) in enumerate(chunks):
+            reply = replies[index]
             inos = [entry.get("pipe_ino") for entry in reply["items"]]
             live = iter(batch.mounts)
             for res in results:
@@ -203,11 +224,10 @@ def restore_to_workers(
                 idx, _, _ = next(live)
                 mounts.append(attrs.evolve(res, owner_pid=reply.get("pid"), pipe_ino=inos[idx]))
             pipe_inodes += [inos[idx] for idx in batch.pipes]
-        t3 = time.perf_counter()
         ok = True
     finally:
         if not ok:
-            for batch in batches:
+            for batch, _ in chunks:
                 for fd in batch.fds:
                     os.close(fd)
                 for path in reversed(batch.made):
@@ -217,9 +237,9 @@ def restore_to_workers(
     return RestoreReport(
         mounts=mounts,
         pipe_inodes=pipe_inodes,
-        prepare_seconds=t1 - t0,
-        send_seconds=t2 - t1,
-        confirm_seconds=t3 - t2,
+        prepare_seconds=prepare,
+        send_seconds=send,
+        confirm_seconds=confirm,
     )
 
 
