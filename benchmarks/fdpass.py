@@ -319,8 +319,9 @@ def plot(rows: list[dict[str, object]], path: str) -> None:
         ax.set_title(f"sink: {'close() per fd' if sink == 'close' else 'close_range() per run'}")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("fds received per second (log scale)")
-    axes[-1].legend(fontsize="small", loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(variants), fontsize="small")
     fig.suptitle("pyautofs bench fdpass: higher is better")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
     fig.savefig(path)
     plt.close(fig)

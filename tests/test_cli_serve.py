@@ -243,7 +243,8 @@ def test_second_sigterm_forces_the_exit_and_says_what_is_left(tmp_path: Path) ->
     prog.write_text("#!/bin/sh\nexec sleep 30\n")
     prog.chmod(0o755)
     mnt = tmp_path / "mnt"
-    s = Serve(tmp_path, str(mnt), str(prog))
+    notify = NotifySocket(tmp_path / "notify")
+    s = Serve(tmp_path, str(mnt), str(prog), env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
     client = subprocess.Popen(
         ["stat", str(mnt / "slow")],
         start_new_session=True,
@@ -264,7 +265,7 @@ def test_second_sigterm_forces_the_exit_and_says_what_is_left(tmp_path: Path) ->
             "the map program did not start",
         )
         s.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "shutting down" in s.text(), "no shutdown line")
+        notify.wait_for("STOPPING")  # the first one is being handled: shutdown started
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(timeout=10) == 128 + signal.SIGTERM
@@ -282,6 +283,7 @@ def test_second_sigterm_forces_the_exit_and_says_what_is_left(tmp_path: Path) ->
         (m,) = [m for m in autofs_mounts() if m.mount_point == str(mnt)]
         assert m.catatonic
     finally:
+        notify.close()
         os.killpg(s.proc.pid, signal.SIGKILL)  # the map program, orphaned
         if s.proc.poll() is None:
             s.proc.wait()

@@ -103,6 +103,13 @@ def test_recv_fds_many_on_a_nonblocking_socket(kind: int) -> None:
         assert len(got) == 10  # all that was queued, without waiting for more
         check(got, [(b"", files)] * 10)
         close_fds([fd for _, fds in got for fd in fds])
+        # A batch of 1-fd messages, then one of another shape at its end: both paths.
+        for i in range(40):
+            send_fds(b, files[i % 2 : i % 2 + 1])
+        send_fds(b, files, b"last")
+        got = recv_fds_many(a, 64)
+        check(got, [(b"", files[i % 2 : i % 2 + 1]) for i in range(40)] + [(b"last", files)])
+        close_fds([fd for _, fds in got for fd in fds])
         with pytest.raises(BlockingIOError):
             recv_fds_many(a)
         b.close()
