@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from .._restore._quiesce import ControlError, control_request, find_control_sockets
 
-_DESCRIPTION = """\
+DESCRIPTION = """\
 Run by CRIU (criu dump/restore --action-script) around a checkpoint of a process tree that
 runs 'pyautofs serve'. CRIU cannot freeze a thread that waits inside the autofs EXPIRE
 ioctl, so before the dump every serve in the tree pauses expiry and answers only once no
@@ -29,7 +28,7 @@ A pause lasts --lease seconds at most, for a dump that fails (CRIU then runs no 
 CRIU runs the action script without arguments: point --action-script at a two-line wrapper,
 '#!/bin/sh' and 'exec pyautofs criu-hook "$@"'."""
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs criu-hook                          as CRIU runs it (reads CRTOOLS_SCRIPT_ACTION)
   pyautofs criu-hook --pid 1234 pause         pause expiry in every serve of tree 1234
@@ -40,15 +39,11 @@ examples:
 _PAUSE = ("pre-dump", "pre-stream")
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs criu-hook``."""
-    p = sub.add_parser(
-        "criu-hook",
-        help="CRIU action script: pause serve's expiry for a dump, resume it after",
-        description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "CRIU action script: pause serve's expiry for a dump, resume it after"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs criu-hook``."""
     p.add_argument(
         "action",
         nargs="?",
@@ -70,7 +65,6 @@ def add_parser(sub: Any) -> None:
         default=300.0,
         help="seconds after which a pause ends by itself (default 300)",
     )
-    p.set_defaults(func=main)
 
 
 def _positive_int(text: str) -> int:
