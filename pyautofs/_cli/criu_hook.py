@@ -7,6 +7,7 @@ import os
 import sys
 
 from .._restore._quiesce import ControlError, control_request, find_control_sockets
+from ._options import positive_seconds, process_id
 
 DESCRIPTION = """\
 Run by CRIU (criu dump/restore --action-script) around a checkpoint of a process tree that
@@ -50,41 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("pause", "resume", "status"),
         help="do this instead of what CRTOOLS_SCRIPT_ACTION says",
     )
-    p.add_argument(
-        "--pid", type=_positive_int, help="the tree's root pid (default: CRTOOLS_INIT_PID)"
-    )
+    p.add_argument("--pid", type=process_id, help="the tree's root pid (default: CRTOOLS_INIT_PID)")
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_seconds,
         default=30.0,
         help="seconds to wait for serve to pause (default 30)",
     )
     p.add_argument(
         "--lease",
-        type=_positive_float,
+        type=positive_seconds,
         default=300.0,
         help="seconds after which a pause ends by itself (default 300)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:

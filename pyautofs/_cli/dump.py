@@ -7,6 +7,7 @@ import sys
 
 from .._restore._autofs import dump_autofs_mounts
 from .._restore._image import AutofsImageError, AutofsMountImage, write_autofs_images
+from ._options import process_id
 
 DESCRIPTION = """\
 Capture autofs mounts into an image file, without changing them: each mount's options and
@@ -35,21 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--pid",
-        type=_pid,
+        type=process_id,
         help="with no MOUNTPOINT: every mount whose read end this process holds; with "
         "MOUNTPOINTs: the owner to record when several processes hold a read end",
     )
     which.add_argument("--all", action="store_true", help="every autofs mount visible here")
-
-
-def _pid(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
-    return value
 
 
 def describe(image: AutofsMountImage) -> str:

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .._restore._autofs import AutofsMountReport, list_autofs_mounts
+from ._options import pid_or_self
 
 DESCRIPTION = """\
 List every autofs mount: mount point, type, options, state (active or catatonic), pipe_ino,
@@ -35,15 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pid",
         default="self",
-        type=_pid,
+        type=pid_or_self,
         help="look through this process's mount namespace (default: this one's)",
     )
-
-
-def _pid(text: str) -> str:
-    if text == "self" or (text.isdigit() and int(text) > 0):
-        return text
-    raise argparse.ArgumentTypeError(f"must be 'self' or a process id, not {text!r}")
 
 
 def hidden_processes() -> list[int]:
