@@ -38,17 +38,17 @@ from ._maps._types import OffsetMount as OffsetMount
 # -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
 from ._proto._errors import FormatError as FormatError
 from ._proto._errors import ProtocolError as ProtocolError
-
-# -- checkpoint/restore (_restore)
-from ._restore._autofs import AutofsImageError as AutofsImageError
-from ._restore._autofs import AutofsMountImage as AutofsMountImage
 from ._restore._autofs import AutofsMountReport as AutofsMountReport
-from ._restore._autofs import AutofsOwner as AutofsOwner
-from ._restore._autofs import BeneathMount as BeneathMount
 from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
 from ._restore._autofs import list_autofs_mounts as list_autofs_mounts
 from ._restore._handover import HandoverFailed as HandoverFailed
 from ._restore._handover import accept_handover as accept_handover
+
+# -- checkpoint/restore (_restore)
+from ._restore._image import AutofsImageError as AutofsImageError
+from ._restore._image import AutofsMountImage as AutofsMountImage
+from ._restore._image import AutofsOwner as AutofsOwner
+from ._restore._image import BeneathMount as BeneathMount
 from ._restore._install import install_fds as install_fds
 from ._restore._pipeimage import PipeImage as PipeImage
 from ._restore._pipeimage import PipeImageError as PipeImageError

@@ -8,24 +8,25 @@ daemon live upgrade). This module only re-exports; the raw kernel steps
 
 from __future__ import annotations
 
-# -- autofs mounts: inspect, dump (_restore._autofs); rebuild is below (_restore._rebuild)
-from ._restore._autofs import AutofsImageError as AutofsImageError
-from ._restore._autofs import AutofsMountImage as AutofsMountImage
 from ._restore._autofs import AutofsMountReport as AutofsMountReport
-from ._restore._autofs import AutofsOwner as AutofsOwner
-from ._restore._autofs import BeneathMount as BeneathMount
-from ._restore._autofs import autofs_images_from_bytes as autofs_images_from_bytes
-from ._restore._autofs import autofs_images_to_bytes as autofs_images_to_bytes
 from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
 from ._restore._autofs import dump_autofs_mounts as dump_autofs_mounts
 from ._restore._autofs import list_autofs_mounts as list_autofs_mounts
-from ._restore._autofs import read_autofs_images as read_autofs_images
-from ._restore._autofs import write_autofs_images as write_autofs_images
 
 # -- handing restored fds to their owner (_restore._handover)
 from ._restore._handover import Adopted as Adopted
 from ._restore._handover import HandoverFailed as HandoverFailed
 from ._restore._handover import accept_handover as accept_handover
+
+# -- autofs mounts: inspect, dump (_restore._autofs); rebuild is below (_restore._rebuild)
+from ._restore._image import AutofsImageError as AutofsImageError
+from ._restore._image import AutofsMountImage as AutofsMountImage
+from ._restore._image import AutofsOwner as AutofsOwner
+from ._restore._image import BeneathMount as BeneathMount
+from ._restore._image import autofs_images_from_bytes as autofs_images_from_bytes
+from ._restore._image import autofs_images_to_bytes as autofs_images_to_bytes
+from ._restore._image import read_autofs_images as read_autofs_images
+from ._restore._image import write_autofs_images as write_autofs_images
 
 # -- fd tables and pipes (_restore._install, _restore._pipeimage)
 from ._restore._install import install_fds as install_fds
