@@ -465,7 +465,7 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
             text=True,
             timeout=20,
         )
-        assert done.stdout.strip() == "directory"
+        assert done.stdout.strip() == "directory", (done.stderr, log.read_text())
         os.kill(pid, 15)
         assert proc.wait(timeout=30) == 0
     finally:
