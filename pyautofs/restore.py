@@ -9,24 +9,14 @@ types, which :mod:`pyautofs.lowlevel` exports.
 from __future__ import annotations
 
 from ._proto._moved import moved_names as _moved_names
-
-# -- autofs mounts: inspect, dump (_restore._autofs); rebuild is below (_restore._rebuild)
-from ._restore._autofs import AutofsImageError as AutofsImageError
-from ._restore._autofs import AutofsMountImage as AutofsMountImage
 from ._restore._autofs import AutofsMountReport as AutofsMountReport
-from ._restore._autofs import AutofsOwner as AutofsOwner
-from ._restore._autofs import BeneathMount as BeneathMount
-from ._restore._autofs import autofs_images_from_bytes as autofs_images_from_bytes
-from ._restore._autofs import autofs_images_to_bytes as autofs_images_to_bytes
 from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
 from ._restore._autofs import dump_autofs_mounts as dump_autofs_mounts
 from ._restore._autofs import list_autofs_mounts as list_autofs_mounts
-from ._restore._autofs import read_autofs_images as read_autofs_images
 
 # -- building blocks of a restore: rebuild, hand over, confirm (_restore)
 from ._restore._autofs import recreate_autofs_mount as recreate_autofs_mount
 from ._restore._autofs import take_over_autofs_mount as take_over_autofs_mount
-from ._restore._autofs import write_autofs_images as write_autofs_images
 
 # -- handing restored fds to their owner (_restore._handover)
 from ._restore._handover import Adopted as Adopted
@@ -39,6 +29,16 @@ from ._restore._handover import receive_handover as receive_handover
 from ._restore._handover import send_confirmation as send_confirmation
 from ._restore._handover import send_handover as send_handover
 from ._restore._handover import wait_confirmation as wait_confirmation
+
+# -- autofs mounts: inspect, dump (_restore._autofs); rebuild is below (_restore._rebuild)
+from ._restore._image import AutofsImageError as AutofsImageError
+from ._restore._image import AutofsMountImage as AutofsMountImage
+from ._restore._image import AutofsOwner as AutofsOwner
+from ._restore._image import BeneathMount as BeneathMount
+from ._restore._image import autofs_images_from_bytes as autofs_images_from_bytes
+from ._restore._image import autofs_images_to_bytes as autofs_images_to_bytes
+from ._restore._image import read_autofs_images as read_autofs_images
+from ._restore._image import write_autofs_images as write_autofs_images
 
 # -- fd tables and pipes (_restore._install, _restore._pipeimage)
 from ._restore._install import install_fds as install_fds

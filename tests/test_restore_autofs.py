@@ -25,14 +25,6 @@ from typing import Any
 import pytest
 
 from pyautofs._proto._packets import MissingIndirect, decode_packet
-from pyautofs._restore._autofs import (
-    AutofsImageError,
-    AutofsMountImage,
-    AutofsOwner,
-    BeneathMount,
-    dump_autofs_mount,
-    list_autofs_mounts,
-)
 from pyautofs._restore._handover import HandoverFailed
 from pyautofs._restore._pipeimage import PipeImage, snapshot_pipe
 from pyautofs._restore._rebuild import restore_autofs_mount
@@ -43,6 +35,14 @@ from pyautofs._sys._mountinfo import (
     find_autofs_mount,
     find_pipe_holders,
     read_mountinfo,
+)
+from pyautofs.restore import (
+    AutofsImageError,
+    AutofsMountImage,
+    AutofsOwner,
+    BeneathMount,
+    dump_autofs_mount,
+    list_autofs_mounts,
 )
 
 pytestmark = pytest.mark.kernel

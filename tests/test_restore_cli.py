@@ -13,14 +13,14 @@ import pytest
 from test_restore_workers import DEADLINE, mount_image, remove_mounts_under
 from test_serve import Server
 
-from pyautofs._restore._autofs import (
+from pyautofs._restore._workers import MountJob, WorkerProcess, restore_to_workers, start_worker
+from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
+from pyautofs.restore import (
     AutofsImageError,
     dump_autofs_mounts,
     read_autofs_images,
     write_autofs_images,
 )
-from pyautofs._restore._workers import MountJob, WorkerProcess, restore_to_workers, start_worker
-from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
 
 pytestmark = pytest.mark.kernel
 

@@ -24,12 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyautofs._proto._packets import MissingIndirect, decode_packet
-from pyautofs._restore._autofs import (
-    AutofsMountImage,
-    AutofsOwner,
-    dump_autofs_mount,
-    dump_autofs_mounts,
-)
 from pyautofs._restore._handover import HandoverFailed, wait_confirmation
 from pyautofs._restore._pipeimage import PipeImage, snapshot_pipe
 from pyautofs._restore._workers import (
@@ -42,6 +36,12 @@ from pyautofs._restore._workers import (
 from pyautofs._sys._autofs import AutofsControl
 from pyautofs._sys._mount import AutofsMode, UmountFlags, umount2
 from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
+from pyautofs.restore import (
+    AutofsMountImage,
+    AutofsOwner,
+    dump_autofs_mount,
+    dump_autofs_mounts,
+)
 
 pytestmark = pytest.mark.kernel
 

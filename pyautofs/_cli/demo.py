@@ -17,6 +17,7 @@ import textwrap
 from typing import Any
 
 from .._engine._demo import DemoEvent, Lookup, run_demo
+from .._proto._stats import percentile
 from .._sys._mount import unshare_mount_namespace
 from ._errors import environment_problem
 from ._options import positive_int
@@ -89,11 +90,6 @@ def _client(mountpoint: str, keys: list[str]) -> list[Lookup]:
     return [tuple(json.loads(line)) for line in out.splitlines()]
 
 
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
     problem = environment_problem("demo")
@@ -149,12 +145,12 @@ def _run(workdir: str, nkeys: int) -> int:
     if new:
         print(
             f"  new key (trigger, bind mount, READY)   median {statistics.median(new):7.1f}us"
-            f"   p90 {_pct(new, 0.9):7.1f}us   p99 {_pct(new, 0.99):7.1f}us"
+            f"   p90 {percentile(new, 0.9):7.1f}us   p99 {percentile(new, 0.99):7.1f}us"
         )
     if again:
         print(
             f"  already mounted                        median {statistics.median(again):7.1f}us"
-            f"   p90 {_pct(again, 0.9):7.1f}us   p99 {_pct(again, 0.99):7.1f}us"
+            f"   p90 {percentile(again, 0.9):7.1f}us   p99 {percentile(again, 0.99):7.1f}us"
         )
     st = result.stats
     print(

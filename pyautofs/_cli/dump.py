@@ -6,12 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .._restore._autofs import (
-    AutofsImageError,
-    AutofsMountImage,
-    dump_autofs_mounts,
-    write_autofs_images,
-)
+from .._restore._autofs import dump_autofs_mounts
+from .._restore._image import AutofsImageError, AutofsMountImage, write_autofs_images
 
 _DESCRIPTION = """\
 Capture autofs mounts into an image file, without changing them: each mount's options and

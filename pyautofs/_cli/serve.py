@@ -22,9 +22,9 @@ from .._engine._serve import (
     run_serve,
 )
 from .._maps._ldap import is_ldap_name
-from .._restore._autofs import AutofsImageError, read_autofs_images
+from .._restore._image import AutofsImageError, read_autofs_images
 from .._restore._rebuild import restore_autofs_mounts
-from .._sys._mountinfo import AutofsMount, autofs_mounts, find_pipe_holders
+from .._sys._mountinfo import AutofsMount, live_readers, top_autofs_mounts
 from ._errors import describe, environment_problem
 from ._logging import LOG_TARGETS, setup_logging
 from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
@@ -214,15 +214,9 @@ def _served_by(
     or it is catatonic) is not refused: serving it again adopts it, keys mounted included.
     """
     if table is None:
-        table = {m.mount_point: m for m in autofs_mounts()}
+        table = top_autofs_mounts()
     top = table.get(mount_point)
-    if top is None or top.catatonic or top.pipe_ino is None:
-        return None
-    readers = [
-        h
-        for h in find_pipe_holders(top.pipe_ino)
-        if h.end in ("read", "both") and h.pid != os.getpid()
-    ]
+    readers = [] if top is None else live_readers(top, exclude_pid=os.getpid())
     if not readers:
         return None
     pids = sorted({h.pid for h in readers})
@@ -243,7 +237,7 @@ def _is_pyautofs(pid: int) -> bool:
 
 def _preflight(mounts: list[MountConfig], takeover: bool) -> str | None:
     """The first reason the mounts cannot be served, checked before the engine starts."""
-    table = None if takeover else {m.mount_point: m for m in autofs_mounts()}  # read once
+    table = None if takeover else top_autofs_mounts()  # read once
     for mc in mounts:
         problem = _mount_point_problem(mc.mount_point)
         if problem:

@@ -15,8 +15,8 @@ import posixpath
 
 import attrs
 
-from ._include import MAX_INCLUDES, ReadInclude, includes
-from ._sun import logical_lines, split_words
+from ._include import ReadInclude
+from ._sun import map_lines
 from ._types import MapWarning
 
 __all__ = ["MasterEntry", "parse_master", "map_source_kind"]
@@ -67,64 +67,16 @@ def parse_master(
     """Parse master-map text (and what it includes); bad lines become warnings."""
     entries: list[MasterEntry] = []
     warnings: list[MapWarning] = []
-    _parse(
-        text,
-        path,
-        stack=(path,),
-        read_include=read_include,
-        entries=entries,
-        warnings=warnings,
-        budget=[MAX_INCLUDES],
-    )
+    for where, number, words in map_lines(text, path, read_include=read_include, warnings=warnings):
+        if len(words) < 2:
+            warnings.append(MapWarning(where, number, "a mount point with no map"))
+            continue
+        entry = _entry(words, where, number, entries, warnings)
+        if entry is not None:
+            entries.append(entry)
     for w in warnings:
         log.log(logging.INFO if w.note else logging.WARNING, "%s", w)
     return entries, warnings
-
-
-def _parse(
-    text: str,
-    path: str,
-    *,
-    stack: tuple[str, ...],
-    read_include: ReadInclude | None,
-    entries: list[MasterEntry],
-    warnings: list[MapWarning],
-    budget: list[int],
-) -> None:
-    for number, line in logical_lines(text):
-        try:
-            words = split_words(line)
-        except ValueError as exc:
-            warnings.append(MapWarning(path, number, f"cannot split the line: {exc}"))
-            continue
-        if not words:
-            continue
-        if words[0].startswith("+"):
-            for inc in includes(
-                words[0][1:],
-                path,
-                number,
-                stack=stack,
-                read_include=read_include,
-                warnings=warnings,
-                budget=budget,
-            ):
-                _parse(
-                    inc.text,
-                    inc.name,
-                    stack=(*stack, inc.name),
-                    read_include=read_include,
-                    entries=entries,
-                    warnings=warnings,
-                    budget=budget,
-                )
-            continue
-        if len(words) < 2:
-            warnings.append(MapWarning(path, number, "a mount point with no map"))
-            continue
-        entry = _entry(words, path, number, entries, warnings)
-        if entry is not None:
-            entries.append(entry)
 
 
 def _entry(

@@ -36,6 +36,7 @@ from ._include import MAX_INCLUDES, ReadInclude, includes
 from ._types import EscapeError, MapEntry, MapWarning, MountSpec, OffsetMount, valid_key
 
 __all__ = [
+    "map_lines",
     "MountSpec",
     "OffsetMount",
     "MapEntry",
@@ -337,16 +338,8 @@ def parse_sun_map(
     """
     entries: dict[str, list[str]] = {}
     warnings: list[MapWarning] = []
-    _parse_sun(
-        text,
-        path,
-        stack=(path,),
-        read_include=read_include,
-        direct=direct,
-        entries=entries,
-        warnings=warnings,
-        budget=[MAX_INCLUDES],
-    )
+    for where, number, words in map_lines(text, path, read_include=read_include, warnings=warnings):
+        _add_entry(words, where, number, direct=direct, entries=entries, warnings=warnings)
     compiled: dict[str, CompiledEntry] = {}
     for key, words in entries.items():
         if not any("$" in w for w in words):
@@ -356,17 +349,25 @@ def parse_sun_map(
     return SunMap(path, entries, tuple(defaults), direct, warnings, {}, compiled)
 
 
-def _parse_sun(
+def map_lines(
     text: str,
     path: str,
     *,
-    stack: tuple[str, ...],
     read_include: ReadInclude | None,
-    direct: bool,
-    entries: dict[str, list[str]],
     warnings: list[MapWarning],
-    budget: list[int],
-) -> None:
+    stack: tuple[str, ...] | None = None,
+    budget: list[int] | None = None,
+) -> Iterator[tuple[str, int, list[str]]]:
+    """Every non-empty line of a map and of the maps it includes, split into words.
+
+    Yields ``(file, line number, words)``; an included map's lines come in place of its
+    ``+name`` line. A line that cannot be split, and a refused include, become a warning.
+    The same walk serves file maps and master maps.
+    """
+    if stack is None:
+        stack = (path,)
+    if budget is None:
+        budget = [MAX_INCLUDES]
     for number, line in logical_lines(text):
         try:
             words = split_words(line)
@@ -375,41 +376,51 @@ def _parse_sun(
             continue
         if not words:
             continue
-        key, body = words[0], words[1:]
-        if key.startswith("+"):
-            for inc in includes(
-                key[1:],
-                path,
-                number,
-                stack=stack,
+        if not words[0].startswith("+"):
+            yield path, number, words
+            continue
+        for inc in includes(
+            words[0][1:],
+            path,
+            number,
+            stack=stack,
+            read_include=read_include,
+            warnings=warnings,
+            budget=budget,
+        ):
+            yield from map_lines(
+                inc.text,
+                inc.name,
                 read_include=read_include,
                 warnings=warnings,
+                stack=(*stack, inc.name),
                 budget=budget,
-            ):
-                _parse_sun(
-                    inc.text,
-                    inc.name,
-                    stack=(*stack, inc.name),
-                    read_include=read_include,
-                    direct=direct,
-                    entries=entries,
-                    warnings=warnings,
-                    budget=budget,
-                )
-            continue
-        if key != "*" and not valid_key(key, direct=direct):
-            what = "an absolute path" if direct else "a name without '/'"
-            warnings.append(MapWarning(path, number, f"bad key {key!r}: expected {what}"))
-            continue
-        try:
-            # The shape is checked with the variables left in: a value cannot add words.
-            compile_entry(body)
-        except ValueError as exc:
-            warnings.append(MapWarning(path, number, f"bad entry for {key!r}: {exc}"))
-            continue
-        if key in entries:
-            warnings.append(
-                MapWarning(path, number, f"duplicate key {key!r}: the first definition is used")
             )
-            continue
-        entries[key] = body
+
+
+def _add_entry(
+    words: list[str],
+    path: str,
+    number: int,
+    *,
+    direct: bool,
+    entries: dict[str, list[str]],
+    warnings: list[MapWarning],
+) -> None:
+    key, body = words[0], words[1:]
+    if key != "*" and not valid_key(key, direct=direct):
+        what = "an absolute path" if direct else "a name without '/'"
+        warnings.append(MapWarning(path, number, f"bad key {key!r}: expected {what}"))
+        return
+    try:
+        # The shape is checked with the variables left in: a value cannot add words.
+        compile_entry(body)
+    except ValueError as exc:
+        warnings.append(MapWarning(path, number, f"bad entry for {key!r}: {exc}"))
+        return
+    if key in entries:
+        warnings.append(
+            MapWarning(path, number, f"duplicate key {key!r}: the first definition is used")
+        )
+        return
+    entries[key] = body

@@ -16,8 +16,9 @@ import attrs
 from .._sys._autofs import AutofsControl
 from .._sys._mount import UmountFlags, umount2
 from .._sys._mountinfo import autofs_mounts
-from ._autofs import AutofsMountImage, recreate_autofs_mount, take_over_autofs_mount
+from ._autofs import recreate_autofs_mount, take_over_autofs_mount
 from ._handover import AutofsHandover, send_handover, wait_confirmation
+from ._image import AutofsMountImage
 from ._pipeimage import PipeImage, restore_pipe
 
 __all__ = [

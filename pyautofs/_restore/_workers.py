@@ -49,7 +49,7 @@ import attrs
 
 from .._sys._autofs import AutofsControl
 from .._sys._mount import UmountFlags, umount2
-from ._autofs import AutofsMountImage, recreate_autofs_mount
+from ._autofs import recreate_autofs_mount
 from ._handover import (
     Adopted,
     HandoverItem,
@@ -61,6 +61,7 @@ from ._handover import (
     send_handover,
     wait_confirmation,
 )
+from ._image import AutofsMountImage
 from ._pipeimage import PipeImage, restore_pipe
 from ._rebuild import RestoredAutofsMount, autofs_pipe_image, handover_for
 

@@ -54,7 +54,6 @@ _SIGNATURES: dict[str, tuple[list[Any] | None, Any, Callable[..., int]]] = {
     "mount": ([c_char_p, c_char_p, c_char_p, c_ulong, c_char_p], c_int, _errcheck_minus_one),
     "umount2": ([c_char_p, c_int], c_int, _errcheck_minus_one),
     "unshare": ([c_int], c_int, _errcheck_minus_one),
-    "setns": ([c_int, c_int], c_int, _errcheck_minus_one),
     "tee": ([c_int, c_int, c_size, c_uint], c_ssize, _errcheck_ssize),
     "syscall": (None, c_long, _errcheck_minus_one),
 }
@@ -101,15 +100,10 @@ def call(
 # x86_64 and the asm-generic table (aarch64, riscv64, loongarch64) agree on the new mount
 # API numbers: they were added after the tables were unified.
 _SYSCALLS = {
-    "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
     "fsconfig": 431,
     "fsmount": 432,
-    "fspick": 433,
-    "pidfd_open": 434,
-    "pidfd_getfd": 438,
-    "close_range": 436,
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable
 
 import attrs
 
@@ -32,8 +33,12 @@ __all__ = [
     "parse_mountinfo",
     "read_mountinfo",
     "autofs_mounts",
+    "top_autofs_mounts",
     "find_autofs_mount",
+    "scan_pipe_holders",
     "find_pipe_holders",
+    "live_readers",
+    "fd_status_flags",
 ]
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
@@ -181,13 +186,25 @@ def autofs_mounts(pid: int | str = "self") -> list[AutofsMount]:
     return [AutofsMount.from_mountinfo(m) for m in read_mountinfo(pid) if m.fstype == "autofs"]
 
 
+def top_autofs_mounts(pid: int | str = "self") -> dict[str, AutofsMount]:
+    """The topmost autofs mount at each mount point visible to ``pid``, by mount point.
+
+    Mounts can stack on one path; mountinfo lists them in mount order, so the last one at a
+    path is the one a lookup there reaches.
+    """
+    return {m.mount_point: m for m in autofs_mounts(pid)}
+
+
 def find_autofs_mount(path: str | os.PathLike[str], pid: int | str = "self") -> AutofsMount:
     """The topmost autofs mount whose mount point is ``path``; ``FileNotFoundError`` if none."""
     want = os.path.abspath(os.fspath(path))
-    found = [m for m in autofs_mounts(pid) if m.mount_point == want]
-    if not found:
+    found = top_autofs_mounts(pid).get(want)
+    if found is None:
         raise FileNotFoundError(2, f"no autofs mount at {want}", want)
-    return found[-1]
+    return found
+
+
+# -- who holds a pipe: the /proc/*/fd scan ---------------------------------------------
 
 
 @attrs.frozen
@@ -201,70 +218,103 @@ class PipeHolder:
     comm: str
     pgrp: int
 
+    @property
+    def reads(self) -> bool:
+        """Whether this fd can read the pipe (``"read"`` or ``"both"``)."""
+        return self.end in ("read", "both")
 
-def _fd_access_mode(pid: int, fd: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return int(line.split()[1], 8) & os.O_ACCMODE
-    except OSError:
-        return None
-    return None
-
-
-def _read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().decode(errors="replace").rstrip("\n")
-    except OSError:
-        return "?"
+    @property
+    def writes(self) -> bool:
+        """Whether this fd can write the pipe (``"write"`` or ``"both"``)."""
+        return self.end in ("write", "both")
 
 
-def _read_pgrp(pid: int) -> int:
+# The mode of a /proc/<pid>/fd link mirrors the open file's access mode in its owner bits.
+_END = {stat.S_IRUSR: "read", stat.S_IWUSR: "write", stat.S_IRUSR | stat.S_IWUSR: "both"}
+
+
+def _comm_and_pgrp(pid: int) -> tuple[str, int]:
+    """The command name and process group of ``pid``, from one read of its stat file."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
-        return -1
-    # The command name (field 2) may contain spaces and parentheses: split after the last ")".
-    return int(data[data.rindex(b")") + 2 :].split()[2])
+        return "?", -1
+    # The command name (field 2) may hold spaces and parentheses: split at the last ")".
+    close = data.rindex(b")")
+    comm = data[data.index(b"(") + 1 : close].decode(errors="replace")
+    return comm, int(data[close + 2 :].split()[2])
 
 
-def find_pipe_holders(pipe_ino: int, pids: list[int] | None = None) -> list[PipeHolder]:
-    """Every (process, fd) that holds the pipe whose inode is ``pipe_ino``.
+def scan_pipe_holders(
+    inos: Iterable[int], pids: Iterable[int] | None = None
+) -> dict[int, list[PipeHolder]]:
+    """One pass over ``/proc/*/fd``: every (process, fd) holding one of the pipes ``inos``.
 
-    Scans ``/proc/<pid>/fd`` for ``pipe:[<ino>]`` links and reads the access mode from
+    One ``readlink`` per fd on the machine (or of ``pids``), whatever the number of pipes
+    asked for. Which end an fd holds comes from the link's own mode (``lstat``: the owner's
+    r/w bits mirror the open file's access mode), one syscall instead of opening and parsing
     fdinfo. Processes that vanish or deny access during the scan are skipped. The kernel's
-    own reference to the write end (the autofs superblock's) is not an fd and never shows.
+    own reference to an autofs pipe's write end (the superblock's) is not an fd and never
+    shows. Each pipe's holders come sorted by pid and fd; a pipe nobody holds is absent.
     """
-    target = f"pipe:[{pipe_ino}]"
-    if pids is None:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    out = []
-    for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
+    links = {f"pipe:[{ino}]": ino for ino in inos}
+    found: dict[int, list[PipeHolder]] = {}
+    if not links:
+        return found
+    names = [str(p) for p in pids] if pids is not None else os.listdir("/proc")
+    readlink = os.readlink
+    for name in names:
+        if not name.isdigit():
+            continue
+        fd_dir = f"/proc/{name}/fd/"
         try:
-            names = os.listdir(fd_dir)
+            fds = os.listdir(fd_dir)
         except OSError:
             continue
-        for name in names:
+        pid = int(name)
+        comm: str | None = None
+        pgrp = -1
+        for fd in fds:
             try:
-                if os.readlink(f"{fd_dir}/{name}") != target:
+                ino = links.get(readlink(fd_dir + fd))
+                if ino is None:
                     continue
+                mode = os.lstat(fd_dir + fd).st_mode
             except OSError:
                 continue
-            fd = int(name)
-            mode = _fd_access_mode(pid, fd)
-            end = {os.O_RDONLY: "read", os.O_WRONLY: "write", os.O_RDWR: "both"}.get(
-                mode if mode is not None else -1, "unknown"
-            )
-            out.append(
-                PipeHolder(pid=pid, fd=fd, end=end, comm=_read_comm(pid), pgrp=_read_pgrp(pid))
-            )
-    return out
+            if comm is None:
+                comm, pgrp = _comm_and_pgrp(pid)
+            end = _END.get(mode & (stat.S_IRUSR | stat.S_IWUSR), "unknown")
+            found.setdefault(ino, []).append(PipeHolder(pid, int(fd), end, comm, pgrp))
+    for holders in found.values():
+        holders.sort(key=lambda h: (h.pid, h.fd))
+    return found
 
 
-def is_pipe(fd: int) -> bool:
-    """True when ``fd`` is a pipe or FIFO."""
-    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+def find_pipe_holders(pipe_ino: int, pids: Iterable[int] | None = None) -> list[PipeHolder]:
+    """Every (process, fd) that holds the pipe whose inode is ``pipe_ino``, by pid and fd.
+
+    One pipe's share of :func:`scan_pipe_holders` (``pids``: look only at these processes).
+    """
+    return scan_pipe_holders([pipe_ino], pids).get(pipe_ino, [])
+
+
+def live_readers(mount: AutofsMount, exclude_pid: int | None = None) -> list[PipeHolder]:
+    """Who reads a live autofs mount's request pipe: the fds that can read it, by pid and fd.
+
+    Empty for a catatonic mount and on kernels without ``pipe_ino=``. ``exclude_pid``
+    leaves one process out (typically this one, when it checks for *another* server).
+    """
+    if mount.catatonic or mount.pipe_ino is None:
+        return []
+    return [h for h in find_pipe_holders(mount.pipe_ino) if h.reads and h.pid != exclude_pid]
+
+
+def fd_status_flags(pid: int, fd: int) -> int:
+    """The file status flags (``O_NONBLOCK``...) of ``pid``'s ``fd``, from its fdinfo."""
+    with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"flags:"):
+                return int(line.split()[1], 8)
+    return 0

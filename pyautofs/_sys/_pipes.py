@@ -50,11 +50,9 @@ __all__ = [
     "bytes_queued",
     "tee",
     "splice",
-    "is_pipe",
     "pipe_inode",
     "packet_mode",
     "set_packet_mode",
-    "set_nonblocking",
 ]
 
 PAGE_SIZE = os.sysconf("SC_PAGESIZE")
@@ -144,11 +142,6 @@ def splice(fd_in: int, fd_out: int, length: int, flags: SpliceFlags = SpliceFlag
     return os.splice(fd_in, fd_out, length, flags=int(flags))
 
 
-def is_pipe(fd: int) -> bool:
-    """True when ``fd`` is a pipe or a FIFO."""
-    return stat.S_ISFIFO(os.fstat(fd).st_mode)
-
-
 def pipe_inode(fd: int) -> int:
     """The pipe's inode number: what ``pipe_ino=`` and ``/proc/*/fd`` links name.
 
@@ -174,8 +167,3 @@ def set_packet_mode(fd: int, on: bool) -> None:
     new = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
     if new != flags:
         fcntl.fcntl(fd, fcntl.F_SETFL, new)
-
-
-def set_nonblocking(fd: int, on: bool) -> None:
-    """Set or clear ``O_NONBLOCK`` on ``fd``'s open file (shared with its dups)."""
-    os.set_blocking(fd, not on)
