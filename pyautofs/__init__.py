@@ -6,6 +6,8 @@ This module is the everyday API; it only re-exports. The raw kernel bindings are
 
 from __future__ import annotations
 
+from ._proto._moved import moved_names as _moved_names
+
 __version__ = "0.1.0"
 
 # -- the automount engine (_engine)
@@ -23,11 +25,23 @@ from ._engine._requests import ExpireRequest as ExpireRequest
 from ._engine._requests import MountRequest as MountRequest
 from ._engine._requests import Requester as Requester
 
+# -- serving autofs maps with an Automounter (what `pyautofs serve` runs)
+from ._engine._serve import MapServer as MapServer
+from ._engine._serve import MountConfig as MountConfig
+from ._engine._serve import ServeConfig as ServeConfig
+from ._engine._serve import config_for_map as config_for_map
+from ._engine._serve import config_from_master as config_from_master
+from ._maps._include import Included as Included
+from ._maps._ldap import LdapMap as LdapMap
+from ._maps._ldap import LdapSchema as LdapSchema
+from ._maps._ldap import LdapSettings as LdapSettings
+
 # -- autofs maps (_maps)
 from ._maps._master import MasterEntry as MasterEntry
 from ._maps._program import ProgramMap as ProgramMap
 from ._maps._sources import load_map as load_map
 from ._maps._sources import parse_master_map as parse_master_map
+from ._maps._sun import CompiledEntry as CompiledEntry
 from ._maps._sun import SunMap as SunMap
 from ._maps._sun import parse_sun_map as parse_sun_map
 from ._maps._types import MapEntry as MapEntry
@@ -38,33 +52,8 @@ from ._maps._types import OffsetMount as OffsetMount
 # -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
 from ._proto._errors import FormatError as FormatError
 from ._proto._errors import ProtocolError as ProtocolError
-from ._restore._autofs import AutofsMountReport as AutofsMountReport
-from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
-from ._restore._autofs import list_autofs_mounts as list_autofs_mounts
-from ._restore._handover import HandoverFailed as HandoverFailed
-from ._restore._handover import accept_handover as accept_handover
 
-# -- checkpoint/restore (_restore)
-from ._restore._image import AutofsImageError as AutofsImageError
-from ._restore._image import AutofsMountImage as AutofsMountImage
-from ._restore._image import AutofsOwner as AutofsOwner
-from ._restore._image import BeneathMount as BeneathMount
-from ._restore._install import install_fds as install_fds
-from ._restore._pipeimage import PipeImage as PipeImage
-from ._restore._pipeimage import PipeImageError as PipeImageError
-from ._restore._pipeimage import restore_pipe as restore_pipe
-from ._restore._pipeimage import snapshot_pipe as snapshot_pipe
-from ._restore._rebuild import RestoredAutofsMount as RestoredAutofsMount
-from ._restore._rebuild import restore_autofs_mount as restore_autofs_mount
-from ._restore._sockets import accept_peer as accept_peer
-from ._restore._sockets import worker_listener as worker_listener
-from ._restore._workers import MountJob as MountJob
-from ._restore._workers import PipeJob as PipeJob
-from ._restore._workers import RestoreReport as RestoreReport
-from ._restore._workers import WorkerProcess as WorkerProcess
-from ._restore._workers import restore_to_workers as restore_to_workers
-from ._restore._workers import run_worker as run_worker
-from ._restore._workers import start_worker as start_worker
+# -- the mode of an autofs mount (Automounter.add_mount(mode=), mount images)
 from ._sys._mount import AutofsMode as AutofsMode
 
 # -- fd passing (_sys._scm)
@@ -77,6 +66,16 @@ from ._sys._scm import recv_fds_many as recv_fds_many
 from ._sys._scm import send_fds as send_fds
 
 __all__ = [
+    "LdapSchema",
+    "LdapSettings",
+    "CompiledEntry",
+    "Included",
+    "LdapMap",
+    "MapServer",
+    "MountConfig",
+    "ServeConfig",
+    "config_for_map",
+    "config_from_master",
     "__version__",
     "Automounter",
     "ExpireHandler",
@@ -103,37 +102,45 @@ __all__ = [
     "MapWarning",
     "MountSpec",
     "OffsetMount",
-    "AutofsImageError",
-    "AutofsMountImage",
-    "AutofsMountReport",
-    "AutofsOwner",
-    "BeneathMount",
-    "dump_autofs_mount",
-    "list_autofs_mounts",
-    "HandoverFailed",
-    "accept_handover",
-    "install_fds",
-    "PipeImage",
-    "PipeImageError",
-    "restore_pipe",
-    "snapshot_pipe",
-    "RestoredAutofsMount",
-    "restore_autofs_mount",
-    "MountJob",
-    "PipeJob",
-    "RestoreReport",
-    "WorkerProcess",
-    "restore_to_workers",
-    "run_worker",
-    "start_worker",
     "AutofsMode",
     "FdPassError",
     "PeerCredentials",
-    "accept_peer",
     "peer_credentials",
     "recv_fds",
     "send_fds",
-    "worker_listener",
     "close_fds",
     "recv_fds_many",
 ]
+
+# Names that moved to another facade still import from here for one release, with a
+# DeprecationWarning, and are the same objects.
+__getattr__ = _moved_names(
+    __name__,
+    {
+        "AutofsImageError": "pyautofs.restore",
+        "AutofsMountImage": "pyautofs.restore",
+        "AutofsMountReport": "pyautofs.restore",
+        "AutofsOwner": "pyautofs.restore",
+        "BeneathMount": "pyautofs.restore",
+        "HandoverFailed": "pyautofs.restore",
+        "MountJob": "pyautofs.restore",
+        "PipeImage": "pyautofs.restore",
+        "PipeImageError": "pyautofs.restore",
+        "PipeJob": "pyautofs.restore",
+        "RestoreReport": "pyautofs.restore",
+        "RestoredAutofsMount": "pyautofs.restore",
+        "WorkerProcess": "pyautofs.restore",
+        "accept_handover": "pyautofs.restore",
+        "accept_peer": "pyautofs.restore",
+        "dump_autofs_mount": "pyautofs.restore",
+        "install_fds": "pyautofs.restore",
+        "list_autofs_mounts": "pyautofs.restore",
+        "restore_autofs_mount": "pyautofs.restore",
+        "restore_pipe": "pyautofs.restore",
+        "restore_to_workers": "pyautofs.restore",
+        "run_worker": "pyautofs.restore",
+        "snapshot_pipe": "pyautofs.restore",
+        "start_worker": "pyautofs.restore",
+        "worker_listener": "pyautofs.restore",
+    },
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._proto._fdmsg import FdMessageReader as FdMessageReader
 from ._proto._fdmsg import encode_message as encode_message
 from ._proto._fdmsg import single_record_fds as single_record_fds
+from ._proto._moved import moved_names as _moved_names
 
 # -- packets (_proto._packets)
 from ._proto._packets import ExpireDirect as ExpireDirect
@@ -23,20 +24,6 @@ from ._proto._packets import PacketType as PacketType
 from ._proto._packets import decode_packet as decode_packet
 from ._proto._packets import encode_v4_packet as encode_v4_packet
 from ._proto._packets import encode_v5_packet as encode_v5_packet
-
-# -- restore building blocks (_restore)
-from ._restore._autofs import recreate_autofs_mount as recreate_autofs_mount
-from ._restore._autofs import take_over_autofs_mount as take_over_autofs_mount
-from ._restore._handover import Adopted as Adopted
-from ._restore._handover import AutofsHandover as AutofsHandover
-from ._restore._handover import PipeHandover as PipeHandover
-from ._restore._handover import adopt_handover as adopt_handover
-from ._restore._handover import receive_handover as receive_handover
-from ._restore._handover import send_confirmation as send_confirmation
-from ._restore._handover import send_handover as send_handover
-from ._restore._handover import wait_confirmation as wait_confirmation
-from ._restore._rebuild import autofs_pipe_image as autofs_pipe_image
-from ._restore._rebuild import handover_for as handover_for
 
 # -- /dev/autofs and the legacy ioctls (_sys._autofs)
 from ._sys._autofs import AUTOFS_DEVICE as AUTOFS_DEVICE
@@ -53,7 +40,6 @@ from ._sys._ioctl import LegacyIoctl as LegacyIoctl
 from ._sys._ioctl import ioc as ioc
 
 # -- mounting (_sys._mount)
-from ._sys._mount import AutofsMode as AutofsMode
 from ._sys._mount import AutofsOptions as AutofsOptions
 from ._sys._mount import FsContext as FsContext
 from ._sys._mount import MountFlags as MountFlags
@@ -114,18 +100,6 @@ __all__ = [
     "decode_packet",
     "encode_v4_packet",
     "encode_v5_packet",
-    "recreate_autofs_mount",
-    "take_over_autofs_mount",
-    "Adopted",
-    "AutofsHandover",
-    "PipeHandover",
-    "adopt_handover",
-    "receive_handover",
-    "send_confirmation",
-    "send_handover",
-    "wait_confirmation",
-    "autofs_pipe_image",
-    "handover_for",
     "AUTOFS_DEVICE",
     "AUTOFS_SUPER_MAGIC",
     "AutofsControl",
@@ -137,7 +111,6 @@ __all__ = [
     "DevIoctl",
     "LegacyIoctl",
     "ioc",
-    "AutofsMode",
     "AutofsOptions",
     "FsContext",
     "MountFlags",
@@ -177,3 +150,24 @@ __all__ = [
     "encode_message",
     "single_record_fds",
 ]
+
+# Names that moved to another facade still import from here for one release, with a
+# DeprecationWarning, and are the same objects.
+__getattr__ = _moved_names(
+    __name__,
+    {
+        "Adopted": "pyautofs.restore",
+        "AutofsHandover": "pyautofs.restore",
+        "AutofsMode": "pyautofs",
+        "PipeHandover": "pyautofs.restore",
+        "adopt_handover": "pyautofs.restore",
+        "autofs_pipe_image": "pyautofs.restore",
+        "handover_for": "pyautofs.restore",
+        "receive_handover": "pyautofs.restore",
+        "recreate_autofs_mount": "pyautofs.restore",
+        "send_confirmation": "pyautofs.restore",
+        "send_handover": "pyautofs.restore",
+        "take_over_autofs_mount": "pyautofs.restore",
+        "wait_confirmation": "pyautofs.restore",
+    },
+)

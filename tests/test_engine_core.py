@@ -175,7 +175,7 @@ async def test_a_new_superblock_at_the_same_path_is_followed(tmp_path: Path, src
             os.close(w)
             assert am._shared is not None
             options = pyautofs.lowlevel.AutofsOptions(
-                fd=am._shared.write_fd, pgrp=os.getpgrp(), mode=pyautofs.lowlevel.AutofsMode.DIRECT
+                fd=am._shared.write_fd, pgrp=os.getpgrp(), mode=pyautofs.AutofsMode.DIRECT
             )
             new_dev = pyautofs.lowlevel.mount_autofs(str(point), options)
             assert new_dev != old_dev
@@ -194,7 +194,7 @@ async def test_a_restored_pipe_is_served_as_is_with_its_queued_packets(
     mnt.mkdir()
     r, w = os.pipe2(os.O_CLOEXEC)
     options = pyautofs.lowlevel.AutofsOptions(
-        fd=w, pgrp=os.getpgrp(), mode=pyautofs.lowlevel.AutofsMode.INDIRECT
+        fd=w, pgrp=os.getpgrp(), mode=pyautofs.AutofsMode.INDIRECT
     )
     pyautofs.lowlevel.mount_autofs(str(mnt), options)
     os.close(w)
@@ -465,7 +465,7 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
             text=True,
             timeout=20,
         )
-        assert done.stdout.strip() == "directory"
+        assert done.stdout.strip() == "directory", (done.stderr, log.read_text())
         os.kill(pid, 15)
         assert proc.wait(timeout=30) == 0
     finally:

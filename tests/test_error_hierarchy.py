@@ -34,7 +34,7 @@ def test_decoders_of_untrusted_bytes_raise_format_errors(name: str) -> None:
 def test_broken_peers_raise_protocol_errors(name: str) -> None:
     import pyautofs.restore
 
-    cls = getattr(pyautofs, name, None) or getattr(pyautofs.restore, name)
+    cls = getattr(pyautofs.restore, name, None) or getattr(pyautofs, name)
     assert issubclass(cls, ProtocolError)
 
 

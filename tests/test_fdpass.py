@@ -15,15 +15,8 @@ import struct
 import pytest
 import trio
 
-from pyautofs import (
-    FdChannel,
-    FdPassError,
-    accept_peer,
-    peer_credentials,
-    recv_fds,
-    send_fds,
-    worker_listener,
-)
+from pyautofs import FdChannel, FdPassError, peer_credentials, recv_fds, send_fds
+from pyautofs.restore import accept_peer, worker_listener
 
 KINDS = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 

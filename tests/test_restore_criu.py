@@ -179,8 +179,9 @@ async def test_restored_device_numbers_are_followed_even_when_they_collide(
     from test_engine_paths import lookups
 
     import pyautofs
+    from pyautofs import AutofsMode
     from pyautofs._engine._control import ControlServer
-    from pyautofs.lowlevel import AutofsMode, AutofsOptions, autofs_mounts, mount_autofs
+    from pyautofs.lowlevel import AutofsOptions, autofs_mounts, mount_autofs
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_text("hello")

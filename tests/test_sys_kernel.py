@@ -16,10 +16,10 @@ from pathlib import Path
 import attrs
 import pytest
 
+from pyautofs import AutofsMode
 from pyautofs.lowlevel import (
     AUTOFS_SUPER_MAGIC,
     AutofsControl,
-    AutofsMode,
     AutofsOptions,
     ExpireFlags,
     ExpireIndirect,

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pyautofs.lowlevel import AutofsMode, AutofsMount, find_pipe_holders, parse_mountinfo
+from pyautofs import AutofsMode
+from pyautofs.lowlevel import AutofsMount, find_pipe_holders, parse_mountinfo
 
 LINE = (
     b"42 27 0:39 / /mnt/with\\040space\\012nl rw,relatime shared:5 master:1 - autofs pyautofs "

@@ -12,15 +12,16 @@ import tempfile
 import time
 
 import pyautofs
+import pyautofs.restore
 from pyautofs.lowlevel import (
     AutofsControl,
-    AutofsHandover,
     MissingIndirect,
     UmountFlags,
     decode_packet,
     umount2,
     unshare_mount_namespace,
 )
+from pyautofs.restore import AutofsHandover
 
 # -- the restored owner: `python migrate_mount.py restored SOCK_FD EXPORTS` --------------
 
@@ -31,7 +32,9 @@ def restored_owner(sock: socket.socket, exports: str) -> None:
     A real restore would put the checkpointed daemon itself here; this one answers each
     request with a bind mount of EXPORTS/<key>, reading the pipe at its old fd number.
     """
-    (adopted,) = pyautofs.accept_handover(sock)  # install at the old numbers, SETPIPEFD, confirm
+    (adopted,) = pyautofs.restore.accept_handover(
+        sock
+    )  # install at the old numbers, SETPIPEFD, confirm
     item, fd = adopted.item, adopted.read_fd
     assert isinstance(item, AutofsHandover) and fd is not None
     mounted = []
@@ -77,9 +80,9 @@ def cat(path: str) -> str:
     return done.stdout if done.returncode == 0 else done.stderr.strip()
 
 
-def owner_of(mnt: str) -> pyautofs.AutofsMountReport | None:
+def owner_of(mnt: str) -> pyautofs.restore.AutofsMountReport | None:
     """The mount's report if a process reads its pipe (mountinfo's pipe_ino= vs /proc)."""
-    for report in pyautofs.list_autofs_mounts():
+    for report in pyautofs.restore.list_autofs_mounts():
         if report.mount.mount_point == mnt and report.readers:
             return report
     return None
@@ -114,7 +117,7 @@ def main() -> None:
         print(f"pipe_ino={report.mount.pipe_ino} is read by pid {reader.pid} on fd {reader.fd}")
 
         # 2. Dump it: options, timeout, owner and its fd numbers, queued requests.
-        image = pyautofs.dump_autofs_mount(mnt)
+        image = pyautofs.restore.dump_autofs_mount(mnt)
         saved = image.to_bytes()  # what a checkpoint would store
         assert image.owner is not None
         old_fd = image.owner.read_fd
@@ -136,8 +139,8 @@ def main() -> None:
             start_new_session=True,  # its process group becomes the mount's owner
         )
         theirs.close()
-        image = pyautofs.AutofsMountImage.from_bytes(saved)
-        done = pyautofs.restore_autofs_mount(image, owner=ours, timeout=30)
+        image = pyautofs.restore.AutofsMountImage.from_bytes(saved)
+        done = pyautofs.restore.restore_autofs_mount(image, owner=ours, timeout=30)
         print(f"rebuilt: pipe_ino={done.pipe_ino}, taken over by the new owner:", end=" ")
         print(done.owner_pid == restored.pid)
         ours.settimeout(30)
@@ -162,7 +165,9 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=30)
-    print("autofs mounts left:", [r.mount.mount_point for r in pyautofs.list_autofs_mounts()])
+    print(
+        "autofs mounts left:", [r.mount.mount_point for r in pyautofs.restore.list_autofs_mounts()]
+    )
     shutil.rmtree(root)
 
 

@@ -11,6 +11,7 @@ from functools import partial
 import trio
 
 import pyautofs
+import pyautofs.restore
 
 # -- the worker: `python pass_fds.py worker SOCK_FD` --------------------------------------
 
@@ -19,7 +20,7 @@ def worker(sock: socket.socket) -> None:
     """Receive fds and where they go, install them there, use them, report back."""
     data, fds = pyautofs.recv_fds(sock)  # every fd of the message, close-on-exec, or none
     targets: list[int] = json.loads(data)
-    pyautofs.install_fds(dict(zip(targets, fds, strict=True)), close_sources=True)
+    pyautofs.restore.install_fds(dict(zip(targets, fds, strict=True)), close_sources=True)
     read_end, write_end = targets
     packets = [os.read(read_end, 4096) for _ in range(2)]  # one read, one packet
     os.write(write_end, b"written by the worker")
@@ -35,9 +36,9 @@ async def coordinator() -> None:
     r, w = os.pipe2(os.O_DIRECT)
     for packet in (b"first", b"second"):
         os.write(w, packet)
-    image = pyautofs.snapshot_pipe(r)  # size, mode, packets: nothing is consumed
+    image = pyautofs.restore.snapshot_pipe(r)  # size, mode, packets: nothing is consumed
     print("snapshot:", image.packets, "| the pipe still holds:", os.read(r, 100))
-    new_r, new_w = pyautofs.restore_pipe(image)  # a new pipe, with the same packets
+    new_r, new_w = pyautofs.restore.restore_pipe(image)  # a new pipe, with the same packets
 
     sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     channel = pyautofs.FdChannel(sock)  # the same protocol as send_fds, from trio

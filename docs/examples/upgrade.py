@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 import pyautofs
+import pyautofs.restore
 from pyautofs.lowlevel import unshare_mount_namespace
 
 # -- the automounter: `python upgrade.py serve ROOT` ------------------------------------
@@ -64,7 +65,7 @@ def wait_for(root: str, line: str) -> None:
 
 def readers(root: str) -> list[int]:
     """The pids that read the mount's request pipe (found through pipe_ino)."""
-    for report in pyautofs.list_autofs_mounts():
+    for report in pyautofs.restore.list_autofs_mounts():
         if report.mount.mount_point == f"{root}/mnt":
             return [h.pid for h in report.readers]
     return []
@@ -117,7 +118,7 @@ def main() -> None:
     for line in Path(f"{root}/events").read_text().splitlines():
         words = [names.get(int(w), w) if w.isdigit() else w for w in line.split()]
         print("  " + " ".join(words))
-    mounts = [r.mount.mount_point for r in pyautofs.list_autofs_mounts()]
+    mounts = [r.mount.mount_point for r in pyautofs.restore.list_autofs_mounts()]
     print("autofs mounts left:", mounts)
     shutil.rmtree(root)
 

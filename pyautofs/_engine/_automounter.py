@@ -42,7 +42,14 @@ from ._lock import EngineLock
 from ._reader import RequestLog
 from ._requests import AutomounterStatistics
 from ._served import ExpireHandler, MountHandler, RequestPipe, ServedMount
-from ._setup import MountPointBusyError, close_pipes, shared_pipe, start_mounts, teardown
+from ._setup import (
+    MountPointBusyError,
+    close_pipes,
+    follow_devices,
+    shared_pipe,
+    start_mounts,
+    teardown,
+)
 from ._setup import release as _release_mount
 
 __all__ = [
@@ -383,6 +390,20 @@ class Automounter:
     def expiry_paused(self) -> bool:
         """True while expiry is paused."""
         return self._expiry.paused
+
+    def refresh_devices(self) -> int:
+        """Follow every served mount whose autofs superblock changed; how many changed.
+
+        After a restore (CRIU, or anything that makes a fresh autofs superblock at a
+        served path), the kernel's packets carry the new superblock's device number.
+        This re-reads mountinfo once, routes each changed mount's packets by its new
+        number, re-opens its ioctl fd if it kept one, and fails what was in flight on the
+        old superblock (the kernel dropped those waiters). A packet of an unknown device
+        triggers the same for its one mount, so this is what a restore hook calls to make
+        it all happen at once, before the first lookup. The ``restored`` request of the
+        control socket calls it.
+        """
+        return follow_devices(self)
 
     def clear_negative(self) -> int:
         """Forget every failed key (a map reload); returns how many were forgotten."""

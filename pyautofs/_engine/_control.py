@@ -46,9 +46,7 @@ from collections.abc import Callable
 
 import trio
 
-from .._sys._mountinfo import autofs_mounts
 from ._automounter import Automounter
-from ._setup import change_dev
 
 __all__ = [
     "ControlServer",
@@ -164,7 +162,7 @@ class ControlServer:
                 self._resume("resume-expiry")
                 return "ok resumed"
             if command == "restored" and not args:
-                changed = follow_restore(self.engine)
+                changed = self.engine.refresh_devices()
                 if self._paused:
                     self._resume("restored")
                 return f"ok restored {changed}"
@@ -202,30 +200,6 @@ class ControlServer:
         self._paused = False
         self.engine.resume_expiry()
         log.info("expiry resumed (%s)", why)
-
-
-def follow_restore(engine: Automounter) -> int:
-    """Re-read every served mount's device number from mountinfo; follow those that changed.
-
-    All changed mounts leave their pipe's routing table before any is routed again, since
-    after a restore one mount's new number may be another's old one.
-    """
-    tops = {am.mount_point: am for am in autofs_mounts()}  # the last one is the topmost
-    changed = []
-    for m in list(engine._mounts.values()):
-        am = tops.get(m.path)
-        if am is not None and am.dev and am.dev != m.dev:
-            changed.append((m, am.dev))
-    for m, _ in changed:
-        pipe = m.pipe
-        if pipe is not None:
-            pipe.unroute(m)
-            m.pipe = pipe  # change_dev unroutes it again (a no-op now) and routes it anew
-    for m, dev in changed:
-        change_dev(engine, m, dev)
-    for m in engine._mounts.values():
-        engine._gone_devs.discard(m.dev)
-    return len(changed)
 
 
 def _peer_uid(conn: trio.socket.SocketType) -> int:

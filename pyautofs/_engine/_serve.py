@@ -47,7 +47,7 @@ from .._maps._sun import SunMap
 from .._maps._types import MapEntry, MountSpec, OffsetMount
 from .._proto._escape import printable
 from .._sys._autofs import AutofsControl
-from .._sys._mount import AutofsMode, MountFlags, UmountFlags, mount, umount2
+from .._sys._mount import AutofsMode, MountFlags, UmountFlags, bind_fd, mount, umount2
 from .._sys._mountinfo import autofs_mounts, read_mountinfo
 from .._sys._resolve import open_dir_cached
 from .._sys._trust import check_trusted
@@ -295,17 +295,20 @@ _PROC_FD = os.path.isdir("/proc/self/fd")
 def _bind_from_cache(source: str, target: str, readonly: bool) -> bool:
     """Bind-mount ``source`` inline if the kernel resolves it from its caches alone.
 
-    The O_PATH fd is what was resolved; mount(2) reaches it through /proc/self/fd, a magic
-    link that jumps to it without walking the source's file system again. False when the
+    The O_PATH fd is what was resolved; the bind reaches it without walking the source's
+    file system again: ``open_tree`` + ``move_mount`` on the fd (:func:`bind_fd`, the
+    cheaper route), or mount(2) through /proc/self/fd, a magic link that jumps to it (for
+    ``ro``, which needs a remount, and on kernels without ``open_tree``). False when the
     source is not all cached (or not a directory): the caller takes the thread path.
     """
-    if not _PROC_FD:
-        return False
     fd = open_dir_cached(source)
     if fd is None:
         return False
     try:
-        bind_mount(f"/proc/self/fd/{fd}", target, readonly=readonly)
+        if readonly or not bind_fd(fd, target):
+            if not _PROC_FD:
+                return False
+            bind_mount(f"/proc/self/fd/{fd}", target, readonly=readonly)
     finally:
         os.close(fd)
     return True

@@ -336,6 +336,31 @@ def reroute(eng: Automounter, pipe: RequestPipe, dev: int, name: bytes) -> Serve
     return found
 
 
+def follow_devices(eng: Automounter) -> int:
+    """Re-read every served mount's device number from mountinfo; follow those that changed.
+
+    All changed mounts leave their pipe's routing table before any is routed again, since
+    after a restore one mount's new number may be another's old one. Returns how many
+    changed.
+    """
+    tops = {am.mount_point: am for am in autofs_mounts()}  # the last one is the topmost
+    changed = []
+    for m in list(eng._mounts.values()):
+        am = tops.get(m.path)
+        if am is not None and am.dev and am.dev != m.dev:
+            changed.append((m, am.dev))
+    for m, _ in changed:
+        pipe = m.pipe
+        if pipe is not None:
+            pipe.unroute(m)
+            m.pipe = pipe  # change_dev unroutes it again (a no-op now) and routes it anew
+    for m, dev in changed:
+        change_dev(eng, m, dev)
+    for m in eng._mounts.values():
+        eng._gone_devs.discard(m.dev)
+    return len(changed)
+
+
 def change_dev(eng: Automounter, m: ServedMount, dev: int) -> None:
     """``m``'s superblock is a new one (a restore): follow it, drop what was in flight."""
     assert eng._ctl is not None

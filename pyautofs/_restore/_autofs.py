@@ -14,7 +14,7 @@ catatonic.
 
 **Capturing the pipe.** The owner's read end is reopened through ``/proc/<pid>/fd/<n>``
 (opening a pipe that way makes a new reader of the same pipe) and captured with
-:func:`~pyautofs.snapshot_pipe`, which consumes nothing. Queued packets are pending requests
+:func:`~pyautofs.restore.snapshot_pipe`, which consumes nothing. Queued packets are pending requests
 whose processes are still waiting on the *old* superblock.
 
 **Rebuilding** happens in two kernel steps, so that the second can run in another process:

@@ -3,7 +3,7 @@
 A coordinator (the restorer) rebuilds pipes and autofs mounts, then sends each end to the
 process that should own it over a unix socket, in one message per process: a JSON header
 listing the items and the fds themselves (SCM_RIGHTS). The receiving process installs every
-fd at its exact number with one :func:`~pyautofs.install_fds`, issues SETPIPEFD for each
+fd at its exact number with one :func:`~pyautofs.restore.install_fds`, issues SETPIPEFD for each
 autofs mount (the kernel then makes *its* process group the mount's owner), closes the write
 ends that a systemd-style owner does not keep, and answers with one JSON confirmation.
 

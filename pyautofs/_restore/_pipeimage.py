@@ -18,7 +18,7 @@ refuses packet-mode pipes other than autofs ones and keeps no boundaries; we kee
 autofs both put it there only; the read end's ``F_GETFL`` (and its fdinfo ``flags:``) never
 shows it. Only the queued buffers reveal packet mode through a read end, so an *empty*
 packet pipe captured through its read end looks plain unless the caller says otherwise
-(``packet=True``; :func:`~pyautofs.dump_autofs_mount` does, since every autofs pipe is
+(``packet=True``; :func:`~pyautofs.restore.dump_autofs_mount` does, since every autofs pipe is
 packetised), or the fd handed in is the write end.
 
 Limits: a pipe captured while another process writes or reads it is captured as of the

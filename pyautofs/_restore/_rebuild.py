@@ -94,7 +94,7 @@ def restore_autofs_mount(
     - ``owner=None``: this process takes the mount over with SETPIPEFD (so this process's
       group becomes the owner) and gets ``read_fd`` and, for an image whose owner kept its
       write end, ``write_fd`` (close-on-exec, at whatever numbers they got: use
-      :func:`~pyautofs.install_fds` to move them).
+      :func:`~pyautofs.restore.install_fds` to move them).
     - ``owner=<unix socket>``: the pipe's ends go to the process at the other end, which
       runs :func:`~pyautofs._restore._handover.accept_handover` (installs them at the dumped
       owner's fd numbers and issues SETPIPEFD itself); this waits up to ``timeout`` seconds

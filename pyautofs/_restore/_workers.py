@@ -3,7 +3,7 @@
 The coordinator (:func:`restore_to_workers`) works in three phases, each timed separately
 in the :class:`RestoreReport` so that a benchmark can see where the time goes:
 
-1. **prepare**: for each job, rebuild the pipe (:func:`~pyautofs.restore_pipe`) and, for an
+1. **prepare**: for each job, rebuild the pipe (:func:`~pyautofs.restore.restore_pipe`) and, for an
    autofs mount, recreate the mount catatonic (:func:`recreate_autofs_mount`);
 2. **send**: one message per 512 jobs carries their items and fds to their worker (see
    :mod:`pyautofs._restore._handover`); the coordinator then closes its copies, so at most

@@ -100,6 +100,7 @@ def call(
 # x86_64 and the asm-generic table (aarch64, riscv64, loongarch64) agree on the new mount
 # API numbers: they were added after the tables were unified.
 _SYSCALLS = {
+    "open_tree": 428,
     "move_mount": 429,
     "fsopen": 430,
     "fsconfig": 431,
