@@ -277,6 +277,15 @@ class _ForeignCalls:
             raise
 
 
+def _unmount_if_mounted(path: str) -> None:
+    """Unmount what covers ``path`` (EINVAL, nothing mounted there, is not an error)."""
+    try:
+        umount2(path, UmountFlags.NOFOLLOW)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+
+
 def _bind_blocking(abandoned: threading.Event, source: str, target: str, readonly: bool) -> None:
     if not os.path.exists(source):
         raise OSError(errno.ENOENT, f"{source} (from the map) does not exist", target)
@@ -728,7 +737,42 @@ class MapServer:
         engine, or directly for the leftovers of a dead server), then the enclosing mount.
         A busy mount raises EBUSY; the triggers of the offsets still reachable are put back,
         so nothing is lost and the key stays usable.
+
+        A key whose entry this server mounted is taken down from the engine's own record
+        (:meth:`~Automounter.triggers_below`), without reading mountinfo; one it adopted or
+        was handed over (which may hold a dead server's triggers) is found in mountinfo.
         """
+        if key_path in self._entries:
+            await self._unmount_own_tree(key_path)
+        else:
+            await self._unmount_found_tree(key_path)
+        self._entries.pop(key_path, None)
+        if os.path.isdir(key_path):
+            # No root mount: the offsets' directories were made in the autofs file system
+            # itself; the key can only be looked up afresh once they are gone.
+            for dirpath, _dirs, _files in os.walk(key_path, topdown=False):
+                if dirpath != key_path:
+                    try:
+                        os.rmdir(dirpath)
+                    except OSError:
+                        pass
+
+    async def _unmount_own_tree(self, key_path: str) -> None:
+        engine = self.automounter
+        try:
+            for path, mounted in engine.triggers_below(key_path):
+                if mounted:
+                    _unmount_if_mounted(path)
+                if not await engine.remove_mount(path):
+                    raise OSError(errno.EBUSY, "an offset is in use", path)
+            if engine.is_covered(key_path):
+                umount2(key_path, UmountFlags.NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                self._restore_triggers(key_path)
+            raise
+
+    async def _unmount_found_tree(self, key_path: str) -> None:
         infos = read_mountinfo()
         prefix = key_path.rstrip("/") + "/"
         below = [
@@ -754,16 +798,6 @@ class MapServer:
             if exc.errno == errno.EBUSY:
                 self._restore_triggers(key_path)
             raise
-        self._entries.pop(key_path, None)
-        if os.path.isdir(key_path):
-            # No root mount: the offsets' directories were made in the autofs file system
-            # itself; the key can only be looked up afresh once they are gone.
-            for dirpath, _dirs, _files in os.walk(key_path, topdown=False):
-                if dirpath != key_path:
-                    try:
-                        os.rmdir(dirpath)
-                    except OSError:
-                        pass
 
     def _restore_triggers(self, key_path: str) -> None:
         """After a refused expire: triggers back on every offset whose parent is mounted."""
