@@ -11,55 +11,88 @@ import argparse
 import fcntl
 import math
 import os
+from typing import NoReturn, TypeVar
 
-__all__ = ["seconds", "whole_seconds", "positive_int", "fd_number", "writable_fd_problem"]
+__all__ = [
+    "seconds",
+    "positive_seconds",
+    "whole_seconds",
+    "positive_int",
+    "process_id",
+    "pid_or_self",
+    "fd_number",
+    "writable_fd_problem",
+]
+
+_N = TypeVar("_N", int, float)
+
+
+def _convert(text: str, kind: type[_N], what: str) -> _N:
+    """``kind(text)``, or the one-line usage error ``'<text>' is not <what>``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _refuse(message: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(message)
 
 
 def seconds(text: str) -> float:
     """A duration in seconds, >= 0 (0: off); fractions allowed."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    value = _convert(text, float, "a number of seconds")
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0: off), not {text}")
+        _refuse(f"must be a number of seconds >= 0 (0: off), not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, > 0 (and below a billion); fractions allowed."""
+    value = _convert(text, float, "a number of seconds")
+    if not 0 < value < 1e9:
+        _refuse(f"must be more than 0 seconds, not {text}")
     return value
 
 
 def whole_seconds(text: str) -> int:
     """A whole number of seconds, >= 0 (0: off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    value = _convert(text, int, "a whole number of seconds")
     if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number of seconds >= 0 (0: off), not {text}"
-        )
+        _refuse(f"must be a whole number of seconds >= 0 (0: off), not {text}")
     if value > 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"{text} seconds is more than the kernel accepts")
+        _refuse(f"{text} seconds is more than the kernel accepts")
     return value
 
 
 def positive_int(text: str) -> int:
     """A whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _convert(text, int, "a whole number")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+        _refuse(f"must be at least 1, not {text}")
     return value
+
+
+def process_id(text: str) -> int:
+    """A process id (>= 1)."""
+    value = _convert(text, int, "a process id")
+    if value < 1:
+        _refuse(f"must be a process id, not {text}")
+    return value
+
+
+def pid_or_self(text: str) -> str:
+    """A process id, or ``self`` (this process), kept as text for ``/proc/<pid>``."""
+    if text == "self" or (text.isdigit() and int(text) > 0):
+        return text
+    _refuse(f"must be 'self' or a process id, not {text!r}")
 
 
 def fd_number(text: str) -> int:
     """An fd number (>= 0); whether it is open is checked when the command starts."""
-    try:
-        fd = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an fd number") from None
+    fd = _convert(text, int, "an fd number")
     if fd < 0:
-        raise argparse.ArgumentTypeError(f"must be an fd number >= 0, not {text}")
+        _refuse(f"must be an fd number >= 0, not {text}")
     return fd
 
 

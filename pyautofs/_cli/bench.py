@@ -19,7 +19,7 @@ from typing import Any
 from .._sys._mount import unshare_mount_namespace
 from .._sys._trust import check_trusted
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs bench list                        the benchmarks there are
   pyautofs bench fdpass --quick              a short run
@@ -36,18 +36,15 @@ With --json -, stdout carries only the JSON; tables and notes go to stderr.
 """
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs bench``."""
-    p = sub.add_parser(
-        "bench",
-        help="run a benchmark from benchmarks/ and print its table",
-        description=(
-            "Run a benchmark side by side with its alternatives and print a table.\n"
-            "The autofs benchmarks need root and /dev/autofs; fdpass needs neither."
-        ),
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "run a benchmark from benchmarks/ and print its table"
+DESCRIPTION = (
+    "Run a benchmark side by side with its alternatives and print a table.\n"
+    "The autofs benchmarks need root and /dev/autofs; fdpass needs neither."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs bench``."""
     p.add_argument("name", help="a benchmark name, 'list', or 'all'")
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
     p.add_argument("--json", metavar="FILE", help="also write results as JSON ('-' for stdout)")
@@ -57,7 +54,6 @@ def add_parser(sub: Any) -> None:
         metavar="FILE.png",
         help="draw the comparison (needs the 'plot' extra: matplotlib)",
     )
-    p.set_defaults(func=main)
 
 
 # The Python packages a comparison may need that pyautofs itself does not.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from .._restore._quiesce import ControlError, control_request, find_control_sockets
+from ._options import positive_seconds, process_id
 
-_DESCRIPTION = """\
+DESCRIPTION = """\
 Run by CRIU (criu dump/restore --action-script) around a checkpoint of a process tree that
 runs 'pyautofs serve'. CRIU cannot freeze a thread that waits inside the autofs EXPIRE
 ioctl, so before the dump every serve in the tree pauses expiry and answers only once no
@@ -29,7 +29,7 @@ A pause lasts --lease seconds at most, for a dump that fails (CRIU then runs no 
 CRIU runs the action script without arguments: point --action-script at a two-line wrapper,
 '#!/bin/sh' and 'exec pyautofs criu-hook "$@"'."""
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs criu-hook                          as CRIU runs it (reads CRTOOLS_SCRIPT_ACTION)
   pyautofs criu-hook --pid 1234 pause         pause expiry in every serve of tree 1234
@@ -40,57 +40,30 @@ examples:
 _PAUSE = ("pre-dump", "pre-stream")
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs criu-hook``."""
-    p = sub.add_parser(
-        "criu-hook",
-        help="CRIU action script: pause serve's expiry for a dump, resume it after",
-        description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "CRIU action script: pause serve's expiry for a dump, resume it after"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs criu-hook``."""
     p.add_argument(
         "action",
         nargs="?",
         choices=("pause", "resume", "status"),
         help="do this instead of what CRTOOLS_SCRIPT_ACTION says",
     )
-    p.add_argument(
-        "--pid", type=_positive_int, help="the tree's root pid (default: CRTOOLS_INIT_PID)"
-    )
+    p.add_argument("--pid", type=process_id, help="the tree's root pid (default: CRTOOLS_INIT_PID)")
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_seconds,
         default=30.0,
         help="seconds to wait for serve to pause (default 30)",
     )
     p.add_argument(
         "--lease",
-        type=_positive_float,
+        type=positive_seconds,
         default=300.0,
         help="seconds after which a pause ends by itself (default 300)",
     )
-    p.set_defaults(func=main)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:

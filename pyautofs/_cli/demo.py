@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from typing import Any
 
 from .._engine._demo import DemoEvent, Lookup, run_demo
 from .._proto._stats import percentile
@@ -22,14 +21,14 @@ from .._sys._mount import unshare_mount_namespace
 from ._errors import environment_problem
 from ._options import positive_int
 
-_DESCRIPTION = """\
+DESCRIPTION = """\
 Start an automounter on a temporary mount point with an embedded map (bind mounts, a tmpfs,
 a wildcard and a missing key), trigger lookups from another process group, show what the
 kernel asked and what was answered, print the latency of new and mounted keys, and shut
 down leaving nothing behind. Needs root and /dev/autofs, nothing else: it runs in a private
 mount namespace, so no mount of it is ever visible on the machine."""
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs demo            run the demo (as root)
   pyautofs demo -n 1000    measure latency over 1000 new keys
@@ -58,15 +57,11 @@ _CLIENT = textwrap.dedent(
 )
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs demo``."""
-    p = sub.add_parser(
-        "demo",
-        help="run an automounter on a temporary mount point and show it working",
-        description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "run an automounter on a temporary mount point and show it working"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs demo``."""
     p.add_argument(
         "-n",
         "--keys",
@@ -75,7 +70,6 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="new keys for the latency run (default 200)",
     )
-    p.set_defaults(func=main)
 
 
 def _client(mountpoint: str, keys: list[str]) -> list[Lookup]:

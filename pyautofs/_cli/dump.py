@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from .._restore._autofs import dump_autofs_mounts
 from .._restore._image import AutofsImageError, AutofsMountImage, write_autofs_images
+from ._options import process_id
 
-_DESCRIPTION = """\
+DESCRIPTION = """\
 Capture autofs mounts into an image file, without changing them: each mount's options and
 timeout, the process that owns its request pipe (found by the kernel's pipe_ino= option,
 never by fd=), whether that owner kept a write end, and what the pipe holds (pending
@@ -17,7 +17,7 @@ requests, captured without consuming them). 'pyautofs serve --restore IMAGE' reb
 mounts from the file and serves them; the restore functions of pyautofs.restore read it too.
 The file is written mode 0600 and replaced atomically. Needs root to see the owner's fds."""
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs dump /mnt/auto -o auto.img             one mount
   pyautofs dump /mnt/a /mnt/b -o maps.img         several, in one file
@@ -26,36 +26,21 @@ examples:
 """
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs dump``."""
-    p = sub.add_parser(
-        "dump",
-        help="capture autofs mounts and their request pipes into an image file",
-        description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "capture autofs mounts and their request pipes into an image file"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs dump``."""
     p.add_argument("mount_points", nargs="*", metavar="MOUNTPOINT", help="autofs mounts to dump")
     p.add_argument("-o", "--output", required=True, metavar="IMAGE", help="the file to write")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--pid",
-        type=_pid,
+        type=process_id,
         help="with no MOUNTPOINT: every mount whose read end this process holds; with "
         "MOUNTPOINTs: the owner to record when several processes hold a read end",
     )
     which.add_argument("--all", action="store_true", help="every autofs mount visible here")
-    p.set_defaults(func=main)
-
-
-def _pid(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
-    return value
 
 
 def describe(image: AutofsMountImage) -> str:

@@ -9,15 +9,16 @@ import sys
 from typing import Any
 
 from .._restore._autofs import AutofsMountReport, list_autofs_mounts
+from ._options import pid_or_self
 
-_DESCRIPTION = """\
+DESCRIPTION = """\
 List every autofs mount: mount point, type, options, state (active or catatonic), pipe_ino,
 the processes that hold the request pipe's read end (found by matching the kernel's
 pipe_ino= option against /proc/*/fd), whether a write end is still held outside the kernel
 (automount keeps one; systemd and pyautofs close theirs), and what is mounted beneath.
 Needs no root, but run it as root to see every process's fds."""
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs inspect                     a readable listing
   pyautofs inspect --json              one JSON object: {"mounts": [...]} (stable keys)
@@ -26,29 +27,18 @@ examples:
 """
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs inspect``."""
-    p = sub.add_parser(
-        "inspect",
-        help="list every autofs mount with its state, pipe owner and what is mounted beneath",
-        description=_DESCRIPTION,
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "list every autofs mount with its state, pipe owner and what is mounted beneath"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs inspect``."""
     p.add_argument("--json", action="store_true", help="print JSON instead of a listing")
     p.add_argument(
         "--pid",
         default="self",
-        type=_pid,
+        type=pid_or_self,
         help="look through this process's mount namespace (default: this one's)",
     )
-    p.set_defaults(func=main)
-
-
-def _pid(text: str) -> str:
-    if text == "self" or (text.isdigit() and int(text) > 0):
-        return text
-    raise argparse.ArgumentTypeError(f"must be 'self' or a process id, not {text!r}")
 
 
 def hidden_processes() -> list[int]:

@@ -1,7 +1,8 @@
 """The ``pyautofs`` command: argument parsing and dispatch to one module per subcommand.
 
-Each subcommand module in this package provides ``add_parser(subparsers)``, which registers
-its parser and sets ``func`` (a ``Callable[[argparse.Namespace], int]``) as a default.
+Each subcommand module in this package provides ``HELP`` (its line in ``pyautofs --help``),
+``DESCRIPTION`` and ``EXAMPLES`` (the text of its ``--help``), ``add_arguments(parser)`` and
+``main(args) -> int``; the command is the module's name with ``-`` for ``_``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"pyautofs._cli.{name}":
                 raise
             continue
-        module.add_parser(sub)
+        p = sub.add_parser(
+            name.replace("_", "-"),
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            epilog=module.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
     return parser
 
 

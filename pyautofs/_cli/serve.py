@@ -8,7 +8,6 @@ import os
 import stat
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 
@@ -29,7 +28,7 @@ from ._errors import describe, environment_problem
 from ._logging import LOG_TARGETS, setup_logging
 from ._options import fd_number, seconds, whole_seconds, writable_fd_problem
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs serve /mnt/auto /etc/auto.data             one indirect mount from a sun-format map
   pyautofs serve /mnt/auto /etc/auto.data --timeout 60
@@ -63,18 +62,15 @@ served. Needs root (CAP_SYS_ADMIN) and /dev/autofs (CONFIG_AUTOFS_FS).
 """
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs serve``."""
-    p = sub.add_parser(
-        "serve",
-        help="serve autofs maps (a faster, restartable automount(8))",
-        description=(
-            "Serve autofs mounts from sun-format or program maps, in the foreground, as\n"
-            "automount(8) does. One log line per mount, unmount and failed lookup."
-        ),
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "serve autofs maps (a faster, restartable automount(8))"
+DESCRIPTION = (
+    "Serve autofs mounts from sun-format or program maps, in the foreground, as\n"
+    "automount(8) does. One log line per mount, unmount and failed lookup."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``pyautofs serve``."""
     p.add_argument(
         "mountpoint",
         nargs="?",
@@ -137,7 +133,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="debug lines too (every request, expire)"
     )
-    p.set_defaults(func=main)
 
 
 def _kind(path: str) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from typing import Any
 
 from .. import __version__
 from .._sys._autofs import AUTOFS_DEVICE, AutofsControl
 
-_EXAMPLES = """\
+EXAMPLES = """\
 examples:
   pyautofs version    the pyautofs version, the kernel release, the /dev/autofs interface
 
@@ -18,17 +17,15 @@ exit status: 1 when /dev/autofs is missing or cannot be used, else 0.
 """
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``pyautofs version``."""
-    p = sub.add_parser(
-        "version",
-        help="show the pyautofs version and the kernel's autofs interface version",
-        description="Show the pyautofs version, the kernel release, and the version of the\n"
-        "/dev/autofs control interface (no root needed).",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=main)
+HELP = "show the pyautofs version and the kernel's autofs interface version"
+DESCRIPTION = (
+    "Show the pyautofs version, the kernel release, and the version of the\n"
+    "/dev/autofs control interface (no root needed)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``pyautofs version`` takes no arguments."""
 
 
 def main(args: argparse.Namespace) -> int:

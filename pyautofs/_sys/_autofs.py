@@ -23,6 +23,7 @@ import os
 
 import attrs
 
+from ._fdobject import FdObject
 from ._ioctl import DevIoctl, LegacyIoctl
 from ._libc import call, libc, raise_errno
 from ._uapi import AutofsDevIoctl, AutofsPacketExpire, dev_ioctl_buffer
@@ -82,7 +83,7 @@ def _path_bytes(path: str | bytes | os.PathLike[str]) -> bytes:
     return os.fsencode(path)
 
 
-class AutofsControl:
+class AutofsControl(FdObject):
     """An open ``/dev/autofs``: one method per ``AUTOFS_DEV_IOCTL_*`` command.
 
     Open it with :meth:`open`; it is a context manager. Methods that act on a mount take the
@@ -91,10 +92,10 @@ class AutofsControl:
     covered by the mount they trigger).
     """
 
-    __slots__ = ("_fd", "_ready_buf", "_ready_hdr")
+    __slots__ = ("_ready_buf", "_ready_hdr")
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        super().__init__(fd)
         # READY is the hot path: keep one preallocated request for it.
         self._ready_buf = dev_ioctl_buffer()
         self._ready_hdr = AutofsDevIoctl.from_buffer(self._ready_buf)
@@ -129,23 +130,6 @@ class AutofsControl:
                 device,
             ) from None
         return cls(fd)
-
-    @property
-    def fd(self) -> int:
-        """The device's file descriptor."""
-        return self._fd
-
-    def close(self) -> None:
-        """Close the device. Idempotent."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> AutofsControl:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<AutofsControl fd={self._fd}>"

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from ._fdobject import FdObject
 from ._libc import call, libc, raise_errno, syscall_number
 
 __all__ = [
@@ -237,40 +238,25 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _AT_FDCWD = -100
 
 
-class FsContext:
+class FsContext(FdObject):
     """A filesystem context from ``fsopen(2)``: configure, create, then mount.
 
     Errors carry the kernel's own message from the context's log, for example
     ``fsconfig(timeout): Invalid argument: autofs: Unknown parameter 'timeout'``.
     """
 
-    __slots__ = ("_fd", "fstype")
+    __slots__ = ("fstype",)
 
     def __init__(self, fstype: str) -> None:
         self.fstype = fstype
-        self._fd = call(
-            libc.syscall,
-            ctypes.c_long(syscall_number("fsopen")),
-            fstype.encode(),
-            ctypes.c_uint(_FSOPEN_CLOEXEC),
+        super().__init__(
+            call(
+                libc.syscall,
+                ctypes.c_long(syscall_number("fsopen")),
+                fstype.encode(),
+                ctypes.c_uint(_FSOPEN_CLOEXEC),
+            )
         )
-
-    @property
-    def fd(self) -> int:
-        """The fs_context file descriptor."""
-        return self._fd
-
-    def close(self) -> None:
-        """Close the context. Idempotent."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> FsContext:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _messages(self) -> str:
         """Drain the context's message log (each read returns one message)."""
