@@ -52,6 +52,7 @@ from ._maps._types import OffsetMount as OffsetMount
 # -- errors: the roots of bad input (FormatError) and broken peers (ProtocolError)
 from ._proto._errors import FormatError as FormatError
 from ._proto._errors import ProtocolError as ProtocolError
+from ._sys._closefds import close_fds as close_fds
 
 # -- the mode of an autofs mount (Automounter.add_mount(mode=), mount images)
 from ._sys._mount import AutofsMode as AutofsMode
@@ -59,7 +60,6 @@ from ._sys._mount import AutofsMode as AutofsMode
 # -- fd passing (_sys._scm)
 from ._sys._scm import FdPassError as FdPassError
 from ._sys._scm import PeerCredentials as PeerCredentials
-from ._sys._scm import close_fds as close_fds
 from ._sys._scm import peer_credentials as peer_credentials
 from ._sys._scm import recv_fds as recv_fds
 from ._sys._scm import recv_fds_many as recv_fds_many

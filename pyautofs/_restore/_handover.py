@@ -92,24 +92,18 @@ def _run_until(
     """
     if deadline is None:
         return run_blocking(gen)
+
+    def bounded(step: Callable[[], Any]) -> Any:
+        sock.settimeout(_left(deadline, timeout, what))
+        try:
+            return step()
+        except TimeoutError:  # socket.timeout is TimeoutError
+            raise TimeoutError(f"{what}: not done within {timeout} s") from None
+
     saved = sock.gettimeout()
     try:
-        step = next(gen)
-        while True:
-            try:
-                sock.settimeout(_left(deadline, timeout, what))
-                result = step()
-            except TimeoutError:  # socket.timeout is TimeoutError
-                step = gen.throw(TimeoutError(f"{what}: not done within {timeout} s"))
-                continue
-            except BaseException as exc:
-                step = gen.throw(exc)
-                continue
-            step = gen.send(result)
-    except StopIteration as stop:
-        return stop.value
+        return run_blocking(gen, bounded)
     finally:
-        gen.close()
         sock.settimeout(saved)
 
 

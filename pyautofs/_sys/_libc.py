@@ -105,6 +105,7 @@ _SYSCALLS = {
     "fsopen": 430,
     "fsconfig": 431,
     "fsmount": 432,
+    "close_range": 436,
 }
 
 
