@@ -55,11 +55,19 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _whole(text: str, what: str, minimum: int, refusal: str) -> int:
+    """A whole number >= ``minimum``, or the usage error ``<refusal>, not <text>``."""
+    value = _convert(text, int, what)
+    if value < minimum:
+        _refuse(f"{refusal}, not {text}")
+    return value
+
+
 def whole_seconds(text: str) -> int:
     """A whole number of seconds, >= 0 (0: off)."""
-    value = _convert(text, int, "a whole number of seconds")
-    if value < 0:
-        _refuse(f"must be a whole number of seconds >= 0 (0: off), not {text}")
+    value = _whole(
+        text, "a whole number of seconds", 0, "must be a whole number of seconds >= 0 (0: off)"
+    )
     if value > 2**31 - 1:
         _refuse(f"{text} seconds is more than the kernel accepts")
     return value
@@ -67,18 +75,12 @@ def whole_seconds(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """A whole number >= 1."""
-    value = _convert(text, int, "a whole number")
-    if value < 1:
-        _refuse(f"must be at least 1, not {text}")
-    return value
+    return _whole(text, "a whole number", 1, "must be at least 1")
 
 
 def process_id(text: str) -> int:
     """A process id (>= 1)."""
-    value = _convert(text, int, "a process id")
-    if value < 1:
-        _refuse(f"must be a process id, not {text}")
-    return value
+    return _whole(text, "a process id", 1, "must be a process id")
 
 
 def pid_or_self(text: str) -> str:
@@ -90,10 +92,7 @@ def pid_or_self(text: str) -> str:
 
 def fd_number(text: str) -> int:
     """An fd number (>= 0); whether it is open is checked when the command starts."""
-    fd = _convert(text, int, "an fd number")
-    if fd < 0:
-        _refuse(f"must be an fd number >= 0, not {text}")
-    return fd
+    return _whole(text, "an fd number", 0, "must be an fd number >= 0")
 
 
 def writable_fd_problem(fd: int) -> str | None:

@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Sequence
 
+from .._sys._files import read_regular_file
 from ._include import Included, IncludeSkipped
 from ._ldap import (
     LdapMap,
@@ -49,28 +50,10 @@ class MapTooLarge(OSError):
 
 def read_map_file(path: str, limit: int = MAX_MAP_BYTES) -> tuple[str, float]:
     """(text, mtime) of a map file; never blocks on a FIFO or device, refuses big ones."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        if st.st_size > limit:
-            raise MapTooLarge(
-                errno.EFBIG, f"larger than {limit // (1024 * 1024)} MiB ({st.st_size} bytes)", path
-            )
-        chunks = []
-        size = 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise MapTooLarge(errno.EFBIG, f"larger than {limit // (1024 * 1024)} MiB", path)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("utf-8", "replace"), st.st_mtime
+    data, st = read_regular_file(
+        path, limit, limit_text=f"{limit // (1024 * 1024)} MiB", too_large=MapTooLarge
+    )
+    return data.decode("utf-8", "replace"), st.st_mtime
 
 
 def find_map_file(name: str, including_dir: str) -> str | None:

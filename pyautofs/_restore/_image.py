@@ -10,16 +10,15 @@ contents (the names users looked up) are inside, so image files are written 0600
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import os
-import stat
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 
 from .._proto._errors import FormatError
+from .._sys._files import read_regular_file
 from .._sys._mount import AutofsMode, AutofsOptions, MountFlags
 from .._sys._mountinfo import PipeHolder
 from ._pipeimage import PipeImage, PipeImageError
@@ -34,6 +33,8 @@ __all__ = [
     "write_autofs_images",
     "read_autofs_images",
 ]
+
+_T = TypeVar("_T")
 
 _FORMAT = "pyautofs.autofs-mount"
 _VERSION = 1
@@ -232,22 +233,12 @@ class AutofsMountImage:
                 catatonic=r.get("catatonic", bool),
                 owner=owner,
                 holders=tuple(
-                    PipeHolder(
-                        pid=h.get("pid", int),
-                        fd=h.get("fd", int),
-                        end=h.get("end", str),
-                        comm=h.get("comm", str),
-                        pgrp=h.get("pgrp", int),
-                    )
+                    h.record(PipeHolder, pid=int, fd=int, end=str, comm=str, pgrp=int)
                     for h in r.objects("holders")
                 ),
                 pipe=pipe,
                 beneath=tuple(
-                    BeneathMount(
-                        mount_point=b.get("mount_point", str),
-                        fstype=b.get("fstype", str),
-                        source=b.get("source", str),
-                    )
+                    b.record(BeneathMount, mount_point=str, fstype=str, source=str)
                     for b in r.objects("beneath")
                 ),
             )
@@ -341,20 +332,8 @@ def read_autofs_images(path: str | os.PathLike[str]) -> list[AutofsMountImage]:
     Refuses anything that is not a regular file (a FIFO would block) with an ``OSError``,
     and a file that is not an image with :class:`AutofsImageError`.
     """
-    target = os.fspath(path)
-    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file, so not an image", target)
-        if st.st_size > _MAX_IMAGE_FILE:
-            raise OSError(errno.EFBIG, f"larger than {_MAX_IMAGE_FILE} bytes", target)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return autofs_images_from_bytes(b"".join(chunks))
+    data, _ = read_regular_file(path, _MAX_IMAGE_FILE)
+    return autofs_images_from_bytes(data)
 
 
 class _Reader:
@@ -378,6 +357,10 @@ class _Reader:
                 f"not {value!r:.60}"
             )
         return value
+
+    def record(self, cls: Callable[..., _T], **fields: type[Any]) -> _T:
+        """``cls(**{name: value})`` for each of ``fields`` (name=type), every one checked."""
+        return cls(**{name: self.get(name, type_) for name, type_ in fields.items()})
 
     def nonneg(self, key: str, optional: bool = False) -> Any:
         value = self.get(key, int, optional)

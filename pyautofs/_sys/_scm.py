@@ -32,7 +32,7 @@ import socket
 import struct
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from .._proto._fdmsg import (
     ANC_MAX,
@@ -71,6 +71,7 @@ __all__ = [
     "PeerCredentials",
 ]
 
+_R = TypeVar("_R")
 _STREAM = int(socket.SOCK_STREAM)
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 _MSG_WAITFORONE = 0x10000  # linux/socket.h; the socket module does not export it
@@ -131,17 +132,7 @@ def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     fds = single_record_fds(msg, anc, flags)
     if fds is not None:
         return b"", fds
-    reader = FdMessageReader(stream)
-    try:
-        reader.feed(msg, fds_from_ancdata(anc), flags)
-        while not reader.has_message():
-            _read_once(sock, reader, 0)
-        message = reader.next_message()
-    except BaseException:
-        close_fds(reader.abort())
-        raise
-    assert message is not None
-    return message
+    return run_blocking(recv_protocol(sock, (msg, anc, flags)))  # data, or many records
 
 
 def _read_once(sock: socket.socket, reader: FdMessageReader, flags: int) -> None:
@@ -210,7 +201,7 @@ def recv_protocol(
     return message
 
 
-def run_blocking(gen: Generator[Step, Any, Any], call: Callable[[Step], Any] | None = None) -> Any:
+def run_blocking(gen: Generator[Step, Any, _R], call: Callable[[Step], Any] | None = None) -> _R:
     """Run a protocol generator with plain (blocking) syscalls; return what it returns.
 
     ``call(step)`` runs each step instead of ``step()``: a caller that bounds every syscall
@@ -227,7 +218,8 @@ def run_blocking(gen: Generator[Step, Any, Any], call: Callable[[Step], Any] | N
                 continue
             step = gen.send(result)
     except StopIteration as stop:
-        return stop.value
+        value: _R = stop.value
+        return value
     finally:
         gen.close()
 
