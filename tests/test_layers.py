@@ -103,6 +103,11 @@ ENGINE_SPLIT = {
         "_lock.py",
         "_handover.py",
         "_requests.py",
+        "_serve.py",
+        "_serve_config.py",
+        "_serve_lookup.py",
+        "_serve_mounts.py",
+        "_mapserver.py",
     ],
 }
 

@@ -62,6 +62,8 @@ __all__ = [
 
 log = logging.getLogger("pyautofs")
 
+_DIRECT_KEY = ""  # the ledger's key of a direct or offset mount's one mount
+
 UnregisteredHandler = Callable[[str, AutofsMode], MountHandler | None]
 """Given the path and mode of an autofs mount nobody registered, its handler (or None)."""
 _PIPE_SIZE = 1 << 20  # 256 one-page slots: 256 queued requests before the kernel blocks
@@ -254,6 +256,38 @@ class Automounter:
     def mounted_keys(self, path: str | os.PathLike[str]) -> frozenset[str]:
         """Keys currently mounted under the indirect mount at ``path``."""
         return frozenset(self._mounts[os.path.abspath(os.fspath(path))].ledger.mounted)
+
+    def triggers_below(self, path: str | os.PathLike[str]) -> list[tuple[str, bool]]:
+        """The served mount points strictly below ``path`` (offset triggers), deepest first.
+
+        Each comes with whether this engine mounted something on it (its key is mounted
+        and not expired). Nothing is read from the kernel: this is the engine's own
+        record, costing one pass over its mount points.
+        """
+        prefix = os.path.abspath(os.fspath(path)).rstrip("/") + "/"
+        found = [
+            (p, _DIRECT_KEY in m.ledger.mounted)
+            for p, m in self._mounts.items()
+            if p.startswith(prefix)
+        ]
+        found.sort(key=lambda t: (t[0].count("/"), t[0]), reverse=True)
+        return found
+
+    def is_covered(self, path: str | os.PathLike[str]) -> bool:
+        """Whether a mount covers ``path``, a served mount point or a key directly below one.
+
+        It compares the device number of what ``path`` resolves to with that of the autofs
+        mount (one ``lstat``, which never triggers from the engine's process group). False
+        for a path that is neither.
+        """
+        p = os.path.abspath(os.fspath(path))
+        m = self._mounts.get(p) or self._mounts.get(os.path.dirname(p))
+        if m is None:
+            return False
+        try:
+            return os.lstat(p).st_dev != m.dev
+        except FileNotFoundError:
+            return False
 
     # -- running -----------------------------------------------------------------------
 
