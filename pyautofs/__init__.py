@@ -6,6 +6,7 @@ This module is the everyday API; it only re-exports. The raw kernel bindings are
 
 from __future__ import annotations
 
+from ._proto._moved import Getattr as _Getattr
 from ._proto._moved import moved_names as _moved_names
 
 __version__ = "0.1.0"
@@ -114,7 +115,7 @@ __all__ = [
 
 # Names that moved to another facade still import from here for one release, with a
 # DeprecationWarning, and are the same objects.
-__getattr__ = _moved_names(
+__getattr__: _Getattr = _moved_names(
     __name__,
     {
         "AutofsImageError": "pyautofs.restore",

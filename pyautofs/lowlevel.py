@@ -10,6 +10,7 @@ from ._proto._fdmsg import FdMessageReader as FdMessageReader
 from ._proto._fdmsg import ancillary as ancillary
 from ._proto._fdmsg import encode_message as encode_message
 from ._proto._fdmsg import single_record_fds as single_record_fds
+from ._proto._moved import Getattr as _Getattr
 from ._proto._moved import moved_names as _moved_names
 
 # -- packets (_proto._packets)
@@ -165,7 +166,7 @@ __all__ = [
 
 # Names that moved to another facade still import from here for one release, with a
 # DeprecationWarning, and are the same objects.
-__getattr__ = _moved_names(
+__getattr__: _Getattr = _moved_names(
     __name__,
     {
         "Adopted": "pyautofs.restore",

@@ -8,6 +8,7 @@ types, which :mod:`pyautofs.lowlevel` exports.
 
 from __future__ import annotations
 
+from ._proto._moved import Getattr as _Getattr
 from ._proto._moved import moved_names as _moved_names
 from ._restore._autofs import AutofsMountReport as AutofsMountReport
 from ._restore._autofs import dump_autofs_mount as dump_autofs_mount
@@ -111,7 +112,7 @@ __all__ = [
 
 # Names that moved to another facade still import from here for one release, with a
 # DeprecationWarning, and are the same objects.
-__getattr__ = _moved_names(
+__getattr__: _Getattr = _moved_names(
     __name__,
     {
         "AutofsMode": "pyautofs",

@@ -80,8 +80,9 @@ def test_facades_only_reexport() -> None:
             ):
                 continue
             if (
-                isinstance(node, ast.Assign)
-                and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__getattr__"]
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id == "__getattr__"
                 and isinstance(node.value, ast.Call)
                 and isinstance(node.value.func, ast.Name)
                 and node.value.func.id == "_moved_names"

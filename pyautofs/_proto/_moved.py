@@ -12,10 +12,13 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["moved_names"]
+__all__ = ["Getattr", "moved_names"]
+
+Getattr = Callable[[str], Any]
+"""A module ``__getattr__``: the facades annotate theirs with it, for type checkers."""
 
 
-def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+def moved_names(module: str, moved: Mapping[str, str]) -> Getattr:
     """A module ``__getattr__`` for ``module`` whose names in ``moved`` went to ``moved[name]``."""
 
     def __getattr__(name: str) -> Any:

@@ -73,6 +73,8 @@ class PacketError(FormatError):
 
 @attrs.frozen
 class _V5Base:
+    """The fields every v5 request packet carries (the base of the four v5 packet types)."""
+
     token: int
     """The wait-queue token to answer with READY or FAIL, exactly once."""
     dev: int

@@ -322,7 +322,7 @@ class LegacyMountRoot:
     __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        self.fd: int = fd
 
     def _int_out(self, cmd: LegacyIoctl) -> int:
         value = ctypes.c_int(0)

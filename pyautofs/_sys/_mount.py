@@ -248,7 +248,7 @@ class FsContext(FdObject):
     __slots__ = ("fstype",)
 
     def __init__(self, fstype: str) -> None:
-        self.fstype = fstype
+        self.fstype: str = fstype
         super().__init__(
             call(
                 libc.syscall,
