@@ -38,8 +38,14 @@ from pathlib import Path
 import trio
 
 import pyautofs
-from pyautofs._proto._fdmsg import ancillary, encode_message
-from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted, trusted_program
+from pyautofs.lowlevel import (
+    SAFE_PATH,
+    UntrustedPathError,
+    ancillary,
+    check_trusted,
+    encode_message,
+    trusted_program,
+)
 
 TITLE = "fd passing over a socketpair: fds/s received (median of repeats), by sink"
 BATCHES = (1, 16, 64, 253, 1000)

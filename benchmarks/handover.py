@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pyautofs._sys._trust import SAFE_PATH, trusted_program
+from pyautofs.lowlevel import SAFE_PATH, trusted_program
 
 TITLE = "lookups during a handover: failures (target 0) and worst latency, 3 ways"
 
@@ -108,7 +108,7 @@ def _serve(mnt: Path, amap: Path, locks: Path, *extra: str) -> subprocess.Popen[
 
 
 def _pids_reading(mnt: Path) -> list[int]:
-    from pyautofs._restore._autofs import list_autofs_mounts
+    from pyautofs.restore import list_autofs_mounts
 
     return [
         h.pid for r in list_autofs_mounts() if r.mount.mount_point == str(mnt) for h in r.readers

@@ -44,18 +44,20 @@ import statistics
 import time
 from collections.abc import Callable
 
-from pyautofs._proto._packets import PacketType, encode_v5_packet
-from pyautofs._restore._install import install_fds
-from pyautofs._restore._pipeimage import PipeImage, restore_pipe
-from pyautofs._restore._rebuild import restore_autofs_mount
-from pyautofs._restore._workers import MountJob, restore_to_workers, start_worker
-from pyautofs._sys._mount import AutofsMode
-from pyautofs._sys._mountinfo import autofs_mounts
+from pyautofs import AutofsMode
+from pyautofs.lowlevel import PacketType, autofs_mounts, encode_v5_packet
 from pyautofs.restore import (
     AutofsMountImage,
     AutofsOwner,
+    MountJob,
+    PipeImage,
     dump_autofs_mount,
     dump_autofs_mounts,
+    install_fds,
+    restore_autofs_mount,
+    restore_pipe,
+    restore_to_workers,
+    start_worker,
 )
 
 from ._autofs_common import (

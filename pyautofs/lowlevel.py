@@ -7,6 +7,7 @@ from __future__ import annotations
 
 # -- the fd-message protocol, sans I/O (_proto._fdmsg)
 from ._proto._fdmsg import FdMessageReader as FdMessageReader
+from ._proto._fdmsg import ancillary as ancillary
 from ._proto._fdmsg import encode_message as encode_message
 from ._proto._fdmsg import single_record_fds as single_record_fds
 from ._proto._moved import moved_names as _moved_names
@@ -78,6 +79,12 @@ from ._sys._pipes import set_pipe_size as set_pipe_size
 from ._sys._pipes import splice as splice
 from ._sys._pipes import tee as tee
 
+# -- trusting a path or a program before running it (_sys._trust)
+from ._sys._trust import SAFE_PATH as SAFE_PATH
+from ._sys._trust import UntrustedPathError as UntrustedPathError
+from ._sys._trust import check_trusted as check_trusted
+from ._sys._trust import trusted_program as trusted_program
+
 # -- uapi structs (_sys._uapi)
 from ._sys._uapi import AutofsDevIoctl as AutofsDevIoctl
 from ._sys._uapi import AutofsPacketExpire as AutofsPacketExpire
@@ -147,8 +154,13 @@ __all__ = [
     "AutofsPacketMissing",
     "AutofsV5Packet",
     "FdMessageReader",
+    "ancillary",
     "encode_message",
     "single_record_fds",
+    "SAFE_PATH",
+    "UntrustedPathError",
+    "check_trusted",
+    "trusted_program",
 ]
 
 # Names that moved to another facade still import from here for one release, with a

@@ -23,25 +23,22 @@ import select
 import socket
 import sys
 
-from pyautofs._proto._packets import (
+from pyautofs import AutofsMode
+from pyautofs.lowlevel import (
+    AutofsControl,
+    AutofsOptions,
     ExpireDirect,
     ExpireIndirect,
     MissingDirect,
     MissingIndirect,
-    decode_packet,
-)
-from pyautofs._restore._handover import AutofsHandover, accept_handover
-from pyautofs._restore._install import install_fds
-from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import (
-    AutofsMode,
-    AutofsOptions,
     MountFlags,
     UmountFlags,
+    decode_packet,
     mount,
     mount_autofs,
     umount2,
 )
+from pyautofs.restore import AutofsHandover, accept_handover, install_fds
 
 
 def say(**obj: object) -> None:
