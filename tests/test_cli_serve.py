@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import lookup, start_serve
 from test_notify import NotifySocket
-from test_serve import lookup, start_serve
 
 from pyautofs import __version__
 from pyautofs._sys._autofs import AutofsControl

@@ -8,14 +8,13 @@ it must never be a Python traceback.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from test_serve import start_serve
+from _harness import Server, lookup
 
 from pyautofs._sys._mountinfo import autofs_mounts
 
@@ -53,40 +52,6 @@ def assert_failed_cleanly(r: subprocess.CompletedProcess[str], *needles: str) ->
         assert needle in r.stderr, (needle, r.stderr)
 
 
-def lookup(path: Path) -> tuple[int, str]:
-    """Read a file from a process in its own session (so it triggers mounts)."""
-    r = subprocess.run(
-        ["cat", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-        start_new_session=True,
-    )
-    return r.returncode, r.stdout
-
-
-class Server:
-    """``pyautofs serve ARGS`` running in the foreground in its own session."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.log = tmp_path / f"serve-{len(list(tmp_path.glob('serve-*')))}.log"
-        self.proc = start_serve(self.log, ["--lock-dir", str(tmp_path / "locks"), *args])
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
 @pytest.fixture
 def exports(tmp_path: Path) -> Path:
     for name in ("alpha", "beta"):
@@ -108,7 +73,7 @@ def server(tmp_path: Path, good_map: Path) -> Iterator[Server]:
     try:
         yield s
     finally:
-        assert s.stop() == 0, s.text()
+        assert s.stop() == 0, s.log()
     assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]
 
 
@@ -168,7 +133,7 @@ def test_mount_point_served_by_another_engine(
     # The first one never noticed: it still serves, new keys included.
     assert server.proc.poll() is None
     assert lookup(mnt / "alpha" / "f") == (0, "alpha")
-    assert "ERROR" not in server.text() and "WARNING" not in server.text(), server.text()
+    assert "ERROR" not in server.log() and "WARNING" not in server.log(), server.log()
 
 
 # -- a mount point that cannot be one -----------------------------------------------------
@@ -216,7 +181,7 @@ def test_bad_map_lines_warn_and_the_good_ones_are_served(tmp_path: Path, exports
     )
     s = Server(tmp_path, str(tmp_path / "mnt"), str(amap), "--timeout", "0")
     try:
-        log = s.text()
+        log = s.log()
         assert f"{amap}:2: bad entry for 'broken'" in log, log
         assert f"{amap}:3: cannot split the line: an unterminated quote" in log, log
         assert "Traceback" not in log
@@ -224,7 +189,7 @@ def test_bad_map_lines_warn_and_the_good_ones_are_served(tmp_path: Path, exports
         assert lookup(tmp_path / "mnt" / "beta" / "f") == (0, "beta")
         assert lookup(tmp_path / "mnt" / "broken" / "f")[0] != 0
     finally:
-        assert s.stop() == 0, s.text()
+        assert s.stop() == 0, s.log()
 
 
 def test_map_file_does_not_exist(tmp_path: Path) -> None:

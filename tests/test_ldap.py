@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from _harness import Server, lookup
 
 from pyautofs import load_map, parse_master_map
 from pyautofs._maps._ldap import (
@@ -401,55 +399,6 @@ async def test_simple_bind(slapd: Slapd) -> None:
 # -- pyautofs serve, end to end ----------------------------------------------------------
 
 
-def lookup(path: Path) -> tuple[int, str]:
-    """Read ``path/f`` from a process in its own session: (errno or 0, content)."""
-    code = (
-        "import sys\n"
-        "try:\n"
-        "    print(open(sys.argv[1] + '/f').read(), end='')\n"
-        "except OSError as e:\n"
-        "    sys.exit(e.errno)"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return r.returncode, r.stdout
-
-
-class Serve:
-    def __init__(self, workdir: Path, config: Path, *args: str) -> None:
-        self.logfile = workdir / f"serve-{len(list(workdir.glob('serve-*')))}.log"
-        argv = [sys.executable, "-m", "pyautofs", "serve", "-v", "--timeout", "0"]
-        argv += ["--lock-dir", str(workdir / "locks"), *args]
-        env = {**os.environ, "PYAUTOFS_LDAP_CONFIG": str(config)}
-        with self.logfile.open("w") as err:
-            self.proc = subprocess.Popen(argv, stderr=err, start_new_session=True, env=env)
-        end = time.monotonic() + 20
-        while "mount(s)" not in self.log():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.stop()
-                raise AssertionError(f"pyautofs serve did not start:\n{self.log()}")
-            time.sleep(0.02)
-
-    def log(self) -> str:
-        return self.logfile.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
 @pytest.fixture
 def new_slapd() -> Iterator[Callable[..., Slapd]]:
     """Start slapds for a test; every one is killed and removed afterwards, whatever happens."""
@@ -470,12 +419,13 @@ def new_slapd() -> Iterator[Callable[..., Slapd]]:
 
 
 @pytest.fixture
-def new_serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+def new_serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``pyautofs serve`` for a test; each must exit 0 at SIGTERM afterwards."""
-    started: list[Serve] = []
+    started: list[Server] = []
 
-    def start(config: Path, *args: str) -> Serve:
-        serve = Serve(tmp_path, config, *args)
+    def start(config: Path, *args: str) -> Server:
+        env = {**os.environ, "PYAUTOFS_LDAP_CONFIG": str(config)}
+        serve = Server(tmp_path, "--timeout", "0", *args, env=env)
         started.append(serve)
         return serve
 
@@ -497,7 +447,7 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(
     tmp_path: Path,
     exports: Path,
     new_slapd: Callable[..., Slapd],
-    new_serve: Callable[..., Serve],
+    new_serve: Callable[..., Server],
 ) -> None:
     direct = {f"{tmp_path}/direct/beta": f":{exports}/beta", "/": ":/", "*": ":/"}
     server = new_slapd(directory_entries(str(exports)) + automount_map_ldif("auto.direct", direct))
@@ -510,22 +460,22 @@ def test_serve_ldap_maps_both_schemas_and_an_injected_key(
         f"/- ldap:automountMapName=auto.direct,{SUFFIX}\n"
     )
     new_serve(conf, "--master", str(master))
-    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
-    assert lookup(tmp_path / "mnt" / "gamma") == (0, "gamma")  # the "/" wildcard
-    assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
-    assert lookup(tmp_path / "nis" / "beta")[0] == 2
+    assert lookup(tmp_path / "mnt" / "alpha" / "f") == (0, "alpha")
+    assert lookup(tmp_path / "mnt" / "gamma" / "f") == (0, "gamma")  # the "/" wildcard
+    assert lookup(tmp_path / "nis" / "alpha" / "f") == (0, "beta")
+    assert lookup(tmp_path / "nis" / "beta" / "f")[0] == 2
     # The key is a literal: it matches only the wildcard, as any unknown key does.
-    assert lookup(tmp_path / "mnt" / "*)(objectClass=*") == (0, "*)(objectClass=*")
-    assert lookup(tmp_path / "star" / "delta") == (0, "delta")  # the "*" wildcard
-    assert lookup(tmp_path / "nis" / "*)(cn=*")[0] == 2
+    assert lookup(tmp_path / "mnt" / "*)(objectClass=*" / "f") == (0, "*)(objectClass=*")
+    assert lookup(tmp_path / "star" / "delta" / "f") == (0, "delta")  # the "*" wildcard
+    assert lookup(tmp_path / "nis" / "*)(cn=*" / "f")[0] == 2
     # A direct map from LDAP: its keys read at start ("/" and "*" are not mount points).
-    assert lookup(tmp_path / "direct" / "beta") == (0, "beta")
+    assert lookup(tmp_path / "direct" / "beta" / "f") == (0, "beta")
     assert [m.mount_point for m in autofs_mounts() if m.mount_point.startswith("/tmp")].count(
         f"{tmp_path}/direct/beta"
     ) == 1
     # An LDAP map named on the command line, as a map file would be.
     new_serve(conf, str(tmp_path / "cli"), f"ldap:{TEST_DN}")
-    assert lookup(tmp_path / "cli" / "beta") == (0, "beta")
+    assert lookup(tmp_path / "cli" / "beta" / "f") == (0, "beta")
 
 
 def test_slapd_fixture_leaves_nothing() -> None:
@@ -544,7 +494,7 @@ def test_serve_master_map_from_ldap_and_a_server_that_goes_away(
     tmp_path: Path,
     exports: Path,
     new_slapd: Callable[..., Slapd],
-    new_serve: Callable[..., Serve],
+    new_serve: Callable[..., Server],
 ) -> None:
     entries = directory_entries(str(exports)) + automount_map_ldif(
         "auto.master",
@@ -558,18 +508,18 @@ def test_serve_master_map_from_ldap_and_a_server_that_goes_away(
     conf.write_text("LDAP_TIMEOUT=2\nLDAP_NETWORK_TIMEOUT=1\n")
     master = f"{server.ldap_uri}/automountMapName=auto.master,{SUFFIX}"
     serve = new_serve(conf, "--master", master, "--negative-timeout", "2")
-    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")
-    assert lookup(tmp_path / "nis" / "alpha") == (0, "beta")
+    assert lookup(tmp_path / "mnt" / "alpha" / "f") == (0, "alpha")
+    assert lookup(tmp_path / "nis" / "alpha" / "f") == (0, "beta")
     server.stop()
     t0 = time.monotonic()
     # The lookup fails with "host is down" (automount(8) says ENOENT), and the log
     # says which server and why.
-    assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN
-    assert lookup(tmp_path / "mnt" / "beta")[0] == errno.EHOSTDOWN  # negative cache
+    assert lookup(tmp_path / "mnt" / "beta" / "f")[0] == errno.EHOSTDOWN
+    assert lookup(tmp_path / "mnt" / "beta" / "f")[0] == errno.EHOSTDOWN  # negative cache
     assert time.monotonic() - t0 < 5
     assert "LDAP server" in serve.log()
     assert serve.log().count("key='beta'") == 1, serve.log()
-    assert lookup(tmp_path / "mnt" / "alpha") == (0, "alpha")  # mounted: still there
+    assert lookup(tmp_path / "mnt" / "alpha" / "f") == (0, "alpha")  # mounted: still there
     server.start()
     time.sleep(2.1)  # the negative entry runs out
-    assert lookup(tmp_path / "mnt" / "beta") == (0, "beta")
+    assert lookup(tmp_path / "mnt" / "beta" / "f") == (0, "beta")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_serve import lookup, start_serve
+from _harness import lookup, start_serve
 
 from pyautofs._cli._logging import (
     MAX_JOURNAL_MESSAGE,

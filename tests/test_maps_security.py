@@ -13,76 +13,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import Server, lookup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyautofs._maps._program import ProgramMap
 from pyautofs._maps._sources import MAX_MAP_BYTES, MapTooLarge, load_map, read_map_file
 from pyautofs._maps._sun import parse_sun_map, split_words
-
-NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
-SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's python may sit under /root (0700)
-
-
-def lookup_as_nobody(path: str) -> tuple[int, str]:
-    """Read ``path/f`` as uid 65534 in its own session: (errno or 0, content)."""
-    code = (
-        "import sys\n"
-        "try:\n"
-        "    print(open(sys.argv[1] + '/f').read(), end='')\n"
-        "except OSError as e:\n"
-        "    sys.exit(e.errno)"
-    )
-    r = subprocess.run(
-        [*NOBODY, SYSTEM_PYTHON, "-c", code, path],
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return r.returncode, r.stdout
-
-
-class Serve:
-    """``pyautofs serve MOUNTPOINT MAP`` in its own session, with a log to wait on."""
-
-    def __init__(self, root: Path, mount_point: Path, amap: Path) -> None:
-        self.logfile = root / "serve.log"
-        argv = [sys.executable, "-m", "pyautofs", "serve", "-v", "--timeout", "0"]
-        argv += ["--lock-dir", str(root / "locks"), str(mount_point), str(amap)]
-        with self.logfile.open("w") as err:
-            self.proc = subprocess.Popen(argv, stderr=err, start_new_session=True)
-        try:
-            self.wait_log("mount(s)")
-        except AssertionError:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return self.logfile.read_text()
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log().count(text) < count:
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
 
 @pytest.fixture
@@ -112,11 +53,11 @@ def test_program_map_keys_cannot_leave_the_export(world: Path) -> None:
     prog = world / "auto.prog"
     prog.write_text(f'#!/bin/sh\necho "-fstype=bind :{exports}/$1"\n')
     prog.chmod(0o755)
-    server = Serve(world, world / "mnt", prog)
+    server = Server(world, "--timeout", "0", str(world / "mnt"), str(prog))
     try:
-        assert lookup_as_nobody(str(world / "mnt" / "pub")) == (0, "export pub")
+        assert lookup(world / "mnt" / "pub" / "f", user=65534) == (0, "export pub")
         for key in ESCAPING_KEYS:
-            err, out = lookup_as_nobody(str(world / "mnt" / key))
+            err, out = lookup(world / "mnt" / key / "f", user=65534)
             assert "SECRET" not in out, key
             assert err != 0, (key, out)
     finally:
@@ -129,14 +70,14 @@ def test_file_map_keys_are_not_quoted_or_expanded(world: Path) -> None:
     exports = world / "srv" / "exports"
     amap = world / "auto.files"
     amap.write_text(f"mine -fstype=bind :{exports}/$USER\n* -fstype=bind :{exports}/&\n")
-    server = Serve(world, world / "mnt", amap)
+    server = Server(world, "--timeout", "0", str(world / "mnt"), str(amap))
     try:
         # The map's own text is expanded, for the user who looks it up ...
-        assert lookup_as_nobody(str(world / "mnt" / "mine")) == (0, "export nobody")
+        assert lookup(world / "mnt" / "mine" / "f", user=65534) == (0, "export nobody")
         # ... the key never: "$USER" is the directory called "$USER".
-        assert lookup_as_nobody(str(world / "mnt" / "$USER")) == (0, "export $USER")
+        assert lookup(world / "mnt" / "$USER" / "f", user=65534) == (0, "export $USER")
         for key in ESCAPING_KEYS:
-            err, out = lookup_as_nobody(str(world / "mnt" / key))
+            err, out = lookup(world / "mnt" / key / "f", user=65534)
             assert "SECRET" not in out, key
             assert err != 0, (key, out)
     finally:
@@ -281,21 +222,21 @@ def test_sighup_with_the_map_replaced_by_a_fifo_or_a_huge_file(world: Path) -> N
     exports = world / "srv" / "exports"
     amap = world / "auto.files"
     amap.write_text(f"pub -fstype=bind :{exports}/pub\n")
-    server = Serve(world, world / "mnt", amap)
+    server = Server(world, "--timeout", "0", str(world / "mnt"), str(amap))
     try:
         amap.unlink()
         os.mkfifo(amap)
         server.proc.send_signal(signal.SIGHUP)
         server.wait_log("maps re-read")
         assert "not a regular file" in server.log()
-        assert lookup_as_nobody(str(world / "mnt" / "pub")) == (0, "export pub")
+        assert lookup(world / "mnt" / "pub" / "f", user=65534) == (0, "export pub")
         amap.unlink()
         with amap.open("wb") as f:
             f.truncate(MAX_MAP_BYTES + 1)
         server.proc.send_signal(signal.SIGHUP)
         server.wait_log("maps re-read", 2)
         assert "larger than 16 MiB" in server.log()
-        err, _ = lookup_as_nobody(str(world / "mnt" / "nosuch"))
+        err, _ = lookup(world / "mnt" / "nosuch" / "f", user=65534)
         assert err != 0
     finally:
         assert server.stop() == 0

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_serve import lookup, start_serve
+from _harness import lookup, start_serve
 
 from pyautofs._engine._notify import Notifier
 from pyautofs._sys._mountinfo import autofs_mounts

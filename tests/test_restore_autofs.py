@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _harness import DEADLINE, lookup, remove_mounts_under
 
 from pyautofs._proto._packets import MissingIndirect, decode_packet
 from pyautofs._restore._handover import HandoverFailed
 from pyautofs._restore._pipeimage import PipeImage, snapshot_pipe
 from pyautofs._restore._rebuild import restore_autofs_mount
 from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
+from pyautofs._sys._mount import AutofsMode, AutofsOptions, mount_autofs
 from pyautofs._sys._mountinfo import (
     PipeHolder,
     find_autofs_mount,
@@ -47,7 +48,6 @@ from pyautofs.restore import (
 
 pytestmark = pytest.mark.kernel
 
-DEADLINE = 20.0
 OWNER = Path(__file__).parent / "programs" / "restore_owner.py"
 
 
@@ -98,51 +98,11 @@ def owners() -> Iterator[list[Owner]]:
         owner.kill()
 
 
-def remove_mounts_under(path: Path) -> None:
-    """Make every autofs mount at or under ``path`` catatonic, then unmount everything there."""
-    base = str(path)
-    infos = [
-        i for i in read_mountinfo() if i.mount_point == base or i.mount_point.startswith(base + "/")
-    ]
-    with AutofsControl.open() as ctl:
-        for info in infos:
-            if info.fstype != "autofs":
-                continue
-            try:
-                fd = ctl.openmount(info.mount_point, info.dev)
-            except OSError:
-                continue
-            try:
-                ctl.catatonic(fd)
-            finally:
-                os.close(fd)
-    for info in reversed(infos):
-        umount2(info.mount_point, UmountFlags.DETACH)
-
-
 @pytest.fixture
 def area(tmp_path: Path) -> Iterator[Path]:
     """A directory whose mounts are all removed at the end."""
     yield tmp_path
     remove_mounts_under(tmp_path)
-
-
-def lookup(path: Path) -> int:
-    """stat ``path`` from a process in its own session; its errno (0 = success)."""
-    code = (
-        "import os, sys\n"
-        "try:\n"
-        "    os.stat(sys.argv[1])\n"
-        "except OSError as e:\n"
-        "    sys.exit(e.errno)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        start_new_session=True,
-        timeout=DEADLINE,
-        check=False,
-    )
-    return done.returncode
 
 
 def fdinfo_flags(pid: int, fd: int) -> int:
@@ -192,7 +152,7 @@ def test_systemd_style_direct_mount_migrates(area: Path, owners: list[Owner]) ->
     )
     owners.append(a)
     a.wait("ready")
-    assert lookup(mp / "hello") == 0
+    assert lookup(mp / "hello", read=False)[0] == 0
     assert a.wait("answered")["answered"] == "MissingDirect"
 
     image = dump_autofs_mount(mp)
@@ -230,7 +190,7 @@ def test_systemd_style_direct_mount_migrates(area: Path, owners: list[Owner]) ->
     assert [(h.pid, h.fd, h.end) for h in find_pipe_holders(m.pipe_ino or 0)] == [
         (b.pid, 40, "read")
     ]
-    assert lookup(mp / "hello") == 0
+    assert lookup(mp / "hello", read=False)[0] == 0
     assert b.wait("answered")["answered"] == "MissingDirect"
     assert (mp / "hello").read_text() == "hi"
 
@@ -256,7 +216,7 @@ def test_automount_style_indirect_mount_migrates(area: Path, owners: list[Owner]
     )
     owners.append(a)
     a.wait("ready")
-    assert lookup(mp / "before") == 0
+    assert lookup(mp / "before", read=False)[0] == 0
     assert a.wait("answered")["name"] == "before"
 
     [report] = [r for r in list_autofs_mounts() if r.mount.mount_point == str(mp)]
@@ -284,7 +244,7 @@ def test_automount_style_indirect_mount_migrates(area: Path, owners: list[Owner]
     assert holders == [(b.pid, 41, "read"), (b.pid, 42, "write")]
     assert m.pipe_ino == restored.pipe_ino
     for key in ("after1", "after2"):
-        assert lookup(mp / key) == 0
+        assert lookup(mp / key, read=False)[0] == 0
         event = b.wait("answered")
         assert (event["answered"], event["name"]) == ("MissingIndirect", key)
 
@@ -312,7 +272,7 @@ def test_catatonic_mount_comes_back_catatonic(area: Path, owners: list[Owner]) -
     assert restored.catatonic and restored.read_fd is None
     m = find_autofs_mount(mp)
     assert m.catatonic and m.fd == -1
-    assert lookup(mp / "missing") == errno.ENOENT
+    assert lookup(mp / "missing", read=False)[0] == errno.ENOENT
 
 
 def test_restore_into_this_process(area: Path) -> None:

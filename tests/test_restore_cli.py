@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_restore_workers import DEADLINE, mount_image, remove_mounts_under
-from test_serve import Server
+from _harness import DEADLINE, Server, lookup, remove_mounts_under
+from test_restore_workers import mount_image
 
 from pyautofs._restore._workers import MountJob, WorkerProcess, restore_to_workers, start_worker
 from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
@@ -92,16 +92,6 @@ def test_image_files_refuse_what_is_not_one(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["empty.img", "fifo", "junk"]  # no temporary left
 
 
-def look(path: Path) -> None:
-    """Read ``path`` from another session (lookups from serve's group never trigger)."""
-    subprocess.run(
-        [sys.executable, "-c", "import sys; open(sys.argv[1]).read()", str(path)],
-        start_new_session=True,
-        timeout=DEADLINE,
-        check=True,
-    )
-
-
 def test_serve_restores_a_dumped_mount_and_serves_it(tmp_path: Path) -> None:
     (tmp_path / "exports" / "k").mkdir(parents=True)
     (tmp_path / "exports" / "k" / "f").write_text("k")
@@ -110,7 +100,7 @@ def test_serve_restores_a_dumped_mount_and_serves_it(tmp_path: Path) -> None:
     auto, image = tmp_path / "auto", tmp_path / "auto.img"
     first = Server(tmp_path, "--timeout", "77", str(auto), str(amap))
     try:
-        look(auto / "k" / "f")
+        assert lookup(auto / "k" / "f") == (0, "k")
         r = pyautofs("dump", str(auto), "-o", str(image))
         assert r.returncode == 0, r.stderr
         assert f"owner pid {first.proc.pid}" in r.stdout
@@ -129,7 +119,7 @@ def test_serve_restores_a_dumped_mount_and_serves_it(tmp_path: Path) -> None:
         assert "serving a restored indirect mount through its restored pipe" in second.log()
         m = {m.mount_point: m for m in autofs_mounts()}[str(auto)]
         assert (m.pgrp, m.timeout, m.catatonic) == (second.proc.pid, 77, False)
-        look(auto / "k" / "f")  # a new lookup, through the rebuilt pipe
+        assert lookup(auto / "k" / "f") == (0, "k")  # a new lookup, through the rebuilt pipe
         assert "k" in {os.path.basename(i.mount_point) for i in read_mountinfo()}
     finally:
         assert second.stop() == 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from _harness import DEADLINE, remove_mounts_under
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,9 +34,8 @@ from pyautofs._restore._workers import (
     restore_to_workers,
     start_worker,
 )
-from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import AutofsMode, UmountFlags, umount2
-from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
+from pyautofs._sys._mount import AutofsMode
+from pyautofs._sys._mountinfo import autofs_mounts
 from pyautofs.restore import (
     AutofsMountImage,
     AutofsOwner,
@@ -44,29 +44,6 @@ from pyautofs.restore import (
 )
 
 pytestmark = pytest.mark.kernel
-
-DEADLINE = 20.0
-
-
-def remove_mounts_under(path: Path) -> None:
-    base = str(path)
-    infos = [
-        i for i in read_mountinfo() if i.mount_point == base or i.mount_point.startswith(base + "/")
-    ]
-    with AutofsControl.open() as ctl:
-        for info in infos:
-            if info.fstype != "autofs":
-                continue
-            try:
-                fd = ctl.openmount(info.mount_point, info.dev)
-            except OSError:
-                continue
-            try:
-                ctl.catatonic(fd)
-            finally:
-                os.close(fd)
-    for info in reversed(infos):
-        umount2(info.mount_point, UmountFlags.DETACH)
 
 
 @pytest.fixture
