@@ -28,6 +28,7 @@ start-up is never timed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import math
@@ -44,18 +45,20 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._libc import libc
-from pyautofs._sys._mount import (
+from pyautofs.lowlevel import (
+    SAFE_PATH,
+    AutofsControl,
     MountFlags,
+    OwnedAutofsMount,
     UmountFlags,
+    UntrustedPathError,
+    autofs_mounts,
+    check_trusted,
     mount,
+    read_mountinfo,
     umount2,
     unshare_mount_namespace,
 )
-from pyautofs._sys._mountinfo import autofs_mounts, read_mountinfo
-from pyautofs._sys._owned import OwnedAutofsMount
-from pyautofs._sys._trust import SAFE_PATH, UntrustedPathError, check_trusted
 
 __all__ = [
     "AUTOMOUNT",
@@ -263,6 +266,7 @@ def detach_under(root: str) -> None:
 # -- workspace --------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _OWNER = "owner.pid"
 
 
@@ -308,7 +312,7 @@ def _die_with_parent() -> None:
     alive, so a benchmark killed outright would otherwise leave them, and their mounts,
     behind. (The setting survives exec; the parent is single-threaded, so fork is safe.)
     """
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Workspace:
