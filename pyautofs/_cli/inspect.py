@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from .._restore._autofs import AutofsMountReport, list_autofs_mounts
+from .._sys._mountinfo import hidden_processes
 from ._options import pid_or_self
 
 DESCRIPTION = """\
@@ -39,22 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=pid_or_self,
         help="look through this process's mount namespace (default: this one's)",
     )
-
-
-def hidden_processes() -> list[int]:
-    """Processes whose fds this user cannot read (/proc/PID/fd): their pipes are unseen."""
-    if os.geteuid() == 0:
-        return []
-    hidden = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                os.listdir(f"/proc/{name}/fd")
-            except PermissionError:
-                hidden.append(int(name))
-            except OSError:
-                pass
-    return hidden
 
 
 def _comm(pid: int) -> str | None:

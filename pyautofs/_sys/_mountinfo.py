@@ -37,6 +37,7 @@ __all__ = [
     "find_autofs_mount",
     "scan_pipe_holders",
     "find_pipe_holders",
+    "hidden_processes",
     "live_readers",
     "fd_status_flags",
 ]
@@ -298,6 +299,23 @@ def find_pipe_holders(pipe_ino: int, pids: Iterable[int] | None = None) -> list[
     One pipe's share of :func:`scan_pipe_holders` (``pids``: look only at these processes).
     """
     return scan_pipe_holders([pipe_ino], pids).get(pipe_ino, [])
+
+
+def hidden_processes() -> list[int]:
+    """Processes whose fd table this user cannot read: :func:`scan_pipe_holders` does not
+    see their pipes. Empty for root."""
+    if os.geteuid() == 0:
+        return []
+    hidden = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                os.listdir(f"/proc/{name}/fd")
+            except PermissionError:
+                hidden.append(int(name))
+            except OSError:
+                pass
+    return hidden
 
 
 def live_readers(mount: AutofsMount, exclude_pid: int | None = None) -> list[PipeHolder]:
