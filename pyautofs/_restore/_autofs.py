@@ -55,6 +55,7 @@ from .._sys._mountinfo import (
     fd_status_flags,
     read_mountinfo,
     scan_pipe_holders,
+    topmost,
 )
 from .._sys._pipes import pipe2
 from ._image import AutofsMountImage, AutofsOwner, BeneathMount
@@ -99,13 +100,11 @@ class _Tree:
     """Mountinfo read once, indexed for any number of lookups."""
 
     def __init__(self, infos: Sequence[MountInfo]) -> None:
-        self.infos = infos
         self.children: dict[int, list[MountInfo]] = {}
-        self.autofs: dict[str, MountInfo] = {}
         for info in infos:
             self.children.setdefault(info.parent_id, []).append(info)
-            if info.fstype == "autofs":
-                self.autofs[info.mount_point] = info  # the last one is the topmost
+        self.autofs = [AutofsMount.from_mountinfo(i) for i in infos if i.fstype == "autofs"]
+        self.top = topmost(self.autofs)
 
     def beneath(self, mount_id: int) -> tuple[BeneathMount, ...]:
         """Every mount stacked on or below ``mount_id``, by walking parent ids."""
@@ -128,18 +127,17 @@ def list_autofs_mounts(pid: int | str = "self") -> list[AutofsMountReport]:
     One scan of ``/proc/*/fd`` serves all mounts. Needs privilege to see other users' fds.
     """
     tree = _Tree(read_mountinfo(pid))
-    mounts = [(i, AutofsMount.from_mountinfo(i)) for i in tree.infos if i.fstype == "autofs"]
-    inos = {m.pipe_ino for _, m in mounts if m.pipe_ino is not None and m.pipe_ino >= 0}
+    inos = {m.pipe_ino for m in tree.autofs if m.pipe_ino is not None and m.pipe_ino >= 0}
     holders_of = scan_pipe_holders(inos)
     out = []
-    for info, m in mounts:
+    for m in tree.autofs:
         holders = holders_of.get(m.pipe_ino, []) if m.pipe_ino is not None else []
         out.append(
             AutofsMountReport(
                 mount=m,
                 readers=tuple(h for h in holders if h.reads),
                 writers=tuple(h for h in holders if h.writes),
-                beneath=tree.beneath(info.mount_id),
+                beneath=tree.beneath(m.mount_id),
             )
         )
     return out
@@ -190,16 +188,15 @@ def dump_autofs_mounts(
     """
     tree = _Tree(read_mountinfo())
     if paths is None:
-        infos = list(tree.autofs.values())
+        mounts = list(tree.top.values())
     else:
-        infos = []
+        mounts = []
         for path in paths:
             want = os.path.abspath(os.fspath(path))
-            info = tree.autofs.get(want)
-            if info is None:
+            found = tree.top.get(want)
+            if found is None:
                 raise FileNotFoundError(errno.ENOENT, f"no autofs mount at {want}", want)
-            infos.append(info)
-    mounts = [AutofsMount.from_mountinfo(info) for info in infos]
+            mounts.append(found)
     for m in mounts:
         if not m.catatonic and m.pipe_ino is None:
             raise OSError(
@@ -210,7 +207,7 @@ def dump_autofs_mounts(
     inos = {m.pipe_ino for m in mounts if not m.catatonic and m.pipe_ino is not None}
     holders_of = scan_pipe_holders(inos)
     out = []
-    for info, m in zip(infos, mounts, strict=True):
+    for m in mounts:
         holders = () if m.catatonic else tuple(holders_of.get(m.pipe_ino or -1, ()))
         chosen = None if m.catatonic else _choose_owner(holders, m.pgrp, owner_pid)
         if chosen is None and owner_pid is not None and not m.catatonic:
@@ -219,7 +216,7 @@ def dump_autofs_mounts(
             raise LookupError(f"pid {owner_pid} holds no read end of {m.mount_point}'s pipe")
         if paths is None and owner_pid is not None and m.catatonic:
             continue
-        out.append(_image(m, holders, chosen, tree.beneath(info.mount_id)))
+        out.append(_image(m, holders, chosen, tree.beneath(m.mount_id)))
     return out
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "parse_mountinfo",
     "read_mountinfo",
     "autofs_mounts",
+    "topmost",
     "top_autofs_mounts",
     "find_autofs_mount",
     "scan_pipe_holders",
@@ -187,13 +188,18 @@ def autofs_mounts(pid: int | str = "self") -> list[AutofsMount]:
     return [AutofsMount.from_mountinfo(m) for m in read_mountinfo(pid) if m.fstype == "autofs"]
 
 
-def top_autofs_mounts(pid: int | str = "self") -> dict[str, AutofsMount]:
-    """The topmost autofs mount at each mount point visible to ``pid``, by mount point.
+def topmost(mounts: Iterable[AutofsMount]) -> dict[str, AutofsMount]:
+    """The topmost of ``mounts`` (in mountinfo's order) at each mount point, by mount point.
 
     Mounts can stack on one path; mountinfo lists them in mount order, so the last one at a
     path is the one a lookup there reaches.
     """
-    return {m.mount_point: m for m in autofs_mounts(pid)}
+    return {m.mount_point: m for m in mounts}
+
+
+def top_autofs_mounts(pid: int | str = "self") -> dict[str, AutofsMount]:
+    """The topmost autofs mount at each mount point visible to ``pid``, by mount point."""
+    return topmost(autofs_mounts(pid))
 
 
 def find_autofs_mount(path: str | os.PathLike[str], pid: int | str = "self") -> AutofsMount:
