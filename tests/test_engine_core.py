@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import resource
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -436,6 +438,15 @@ async def test_the_fd_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None:
     amap = tmp_path / "auto.map"
     amap.write_text(f"* -fstype=bind :{tmp_path}/exports/&\n")
@@ -447,6 +458,7 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
         f"{amap} 2>{log} & echo $!; wait"
     )
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = 0
     try:
         assert proc.stdout is not None
         pid = int(proc.stdout.readline())
@@ -469,9 +481,19 @@ def test_serve_from_a_script_leads_its_own_process_group(tmp_path: Path) -> None
         os.kill(pid, 15)
         assert proc.wait(timeout=30) == 0
     finally:
+        # serve is the script's child, not ours: on a failure above, stop it (gracefully,
+        # so it takes its mounts down) before the script, and never leave it running.
+        if pid and _running(pid):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(200):
+                if not _running(pid):
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait(timeout=30)
         assert proc.stdout is not None
         proc.stdout.close()
     assert not [m for m in autofs_mounts() if m.mount_point.startswith(str(tmp_path))]
