@@ -64,6 +64,9 @@ from ._sys._mountinfo import read_mountinfo as read_mountinfo
 
 # -- an autofs mount this process owns, driven synchronously (_sys._owned)
 from ._sys._owned import OwnedAutofsMount as OwnedAutofsMount
+from ._sys._owned import adopt_owned as adopt_owned
+from ._sys._owned import mount_owned as mount_owned
+from ._sys._owned import request_pipe as request_pipe
 
 # -- pipes (_sys._pipes)
 from ._sys._pipes import PAGE_SIZE as PAGE_SIZE
@@ -112,6 +115,9 @@ __all__ = [
     "AUTOFS_SUPER_MAGIC",
     "AutofsControl",
     "OwnedAutofsMount",
+    "adopt_owned",
+    "mount_owned",
+    "request_pipe",
     "AutofsType",
     "ExpireFlags",
     "LegacyMountRoot",

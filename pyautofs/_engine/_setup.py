@@ -16,7 +16,6 @@ new superblock does not know them).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from .._proto._packets import (
     PacketError,
     decode_packet,
 )
-from .._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
+from .._sys._mount import AutofsMode, UmountFlags, umount2
 from .._sys._mountinfo import (
     AutofsMount,
     MountInfo,
@@ -38,6 +37,7 @@ from .._sys._mountinfo import (
     find_pipe_holders,
     read_mountinfo,
 )
+from .._sys._owned import adopt_owned, mount_owned, request_pipe
 from ._served import RequestPipe, ServedMount, Token
 
 if TYPE_CHECKING:
@@ -64,13 +64,7 @@ class MountPointBusyError(OSError):
 
 def new_pipe(pipe_size: int) -> tuple[int, int]:
     """A request pipe: (non-blocking read end, write end), enlarged if allowed."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, pipe_size)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE
-    os.set_blocking(r, False)
-    return r, w
+    return request_pipe(pipe_size, nonblocking=True)
 
 
 def shared_pipe(eng: Automounter) -> RequestPipe:
@@ -162,19 +156,9 @@ def start_mount(
         if am is not None:
             adopt(eng, m, am, write_fd, get_table())
         else:
-            options = AutofsOptions(
-                fd=write_fd, pgrp=os.getpgrp(), mode=m.mode, strictexpire=m.strictexpire
+            m.dev, m.ioctlfd = mount_owned(
+                ctl, m.path, write_fd, mode=m.mode, timeout=m.timeout, strictexpire=m.strictexpire
             )
-            m.dev = mount_autofs(m.path, options)
-            if m.indirect:
-                m.ioctlfd = ctl.openmount(m.path, m.dev)
-                ctl.set_timeout(m.ioctlfd, m.timeout)
-            elif m.timeout:
-                fd = ctl.openmount(m.path, m.dev)
-                try:
-                    ctl.set_timeout(fd, m.timeout)
-                finally:
-                    os.close(fd)
     except BaseException:
         if r >= 0:
             os.close(r)
@@ -254,18 +238,7 @@ def adopt(
         log.warning("%s: adopting a %s mount registered as %s", m.path, am.mode.value, m.mode.value)
         m.mode = am.mode
     m.dev = am.dev
-    fd = ctl.openmount(m.path, am.dev)
-    try:
-        ctl.catatonic(fd)
-        ctl.setpipefd(fd, write_fd)
-        ctl.set_timeout(fd, m.timeout)
-    except BaseException:
-        os.close(fd)
-        raise
-    if m.indirect:
-        m.ioctlfd = fd
-    else:
-        os.close(fd)
+    m.ioctlfd = adopt_owned(ctl, m.path, write_fd, dev=am.dev, mode=m.mode, timeout=m.timeout)
     m.adopted = True
     rediscover(m, table)
     log.info("%s: adopted, %d mounted key(s) rediscovered", m.path, len(m.ledger.mounted))

@@ -26,11 +26,88 @@ from ._autofs import AutofsControl
 from ._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
 from ._mountinfo import find_autofs_mount
 
-__all__ = ["OwnedAutofsMount"]
+__all__ = ["OwnedAutofsMount", "adopt_owned", "mount_owned", "request_pipe"]
 
 _READ_SIZE = 512
 _HEAD = struct.Struct("=iiI")  # proto version, packet type, token
 _EXPIRE_TYPES = (1, 2, 4, 6)
+
+
+def request_pipe(pipe_size: int = 1 << 20, *, nonblocking: bool = False) -> tuple[int, int]:
+    """A request pipe for an autofs mount: ``(read end, write end)``, both close-on-exec.
+
+    The pipe is enlarged to ``pipe_size`` bytes where allowed, so a burst of requests queues
+    instead of blocking the kernel's writer (which holds the superblock's pipe mutex).
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, pipe_size)
+    except OSError:
+        pass  # above pipe-max-size without CAP_SYS_RESOURCE: keep the default
+    if nonblocking:
+        os.set_blocking(r, False)
+    return r, w
+
+
+def mount_owned(
+    control: AutofsControl,
+    path: str,
+    write_fd: int,
+    *,
+    mode: AutofsMode,
+    timeout: int,
+    strictexpire: bool = False,
+    source: str = "pyautofs",
+) -> tuple[int, int]:
+    """Mount autofs at ``path`` on the pipe ``write_fd``, owned by this process group.
+
+    Sets the timeout (an ioctl: ``timeout=`` is no mount option). Returns ``(dev, ioctlfd)``:
+    an indirect mount keeps its ioctl fd; a direct or offset mount gets ``-1``, since an
+    open fd under the mount that will cover it would pin it. On failure nothing is left
+    mounted.
+    """
+    options = AutofsOptions(fd=write_fd, pgrp=os.getpgrp(), mode=mode, strictexpire=strictexpire)
+    dev = mount_autofs(path, options, source=source)
+    try:
+        if mode is not AutofsMode.INDIRECT and not timeout:
+            return dev, -1  # nothing to set: no OPENMOUNT at all
+        fd = control.openmount(path, dev)
+        try:
+            control.set_timeout(fd, timeout)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        umount2(path, UmountFlags.DETACH)
+        raise
+    if mode is AutofsMode.INDIRECT:
+        return dev, fd
+    os.close(fd)
+    return dev, -1
+
+
+def adopt_owned(
+    control: AutofsControl, path: str, write_fd: int, *, dev: int, mode: AutofsMode, timeout: int
+) -> int:
+    """Make the autofs mount ``dev`` at ``path`` ours: CATATONIC, SETPIPEFD, TIMEOUT.
+
+    automount(8)'s restart recipe. CATATONIC is needed because we are not in the old owner's
+    process group (and SETPIPEFD requires it); SETPIPEFD makes our process group the owner.
+    Mounts already made keep working throughout; lookups of new keys fail with ENOENT only
+    between CATATONIC and SETPIPEFD. Returns the ioctl fd of an indirect mount, else ``-1``.
+    """
+    fd = control.openmount(path, dev)
+    try:
+        control.catatonic(fd)
+        control.setpipefd(fd, write_fd)
+        control.set_timeout(fd, timeout)
+    except BaseException:
+        os.close(fd)
+        raise
+    if mode is AutofsMode.INDIRECT:
+        return fd
+    os.close(fd)
+    return -1
 
 
 class OwnedAutofsMount:
@@ -64,17 +141,6 @@ class OwnedAutofsMount:
 
     # -- making one --------------------------------------------------------------------
 
-    @staticmethod
-    def _pipe(pipe_size: int, nonblocking: bool) -> tuple[int, int]:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, pipe_size)
-        except OSError:
-            pass  # above pipe-max-size without CAP_SYS_RESOURCE: keep the default
-        if nonblocking:
-            os.set_blocking(r, False)
-        return r, w
-
     @classmethod
     def create(
         cls,
@@ -97,23 +163,11 @@ class OwnedAutofsMount:
             created = True
         own = control is None
         ctl = control or AutofsControl.open()
-        r, w = cls._pipe(pipe_size, nonblocking)
-        ioctlfd = -1
+        r, w = request_pipe(pipe_size, nonblocking=nonblocking)
         try:
-            options = AutofsOptions(fd=w, pgrp=os.getpgrp(), mode=mode, strictexpire=strictexpire)
-            dev = mount_autofs(target, options, source=source)
-            try:
-                fd = ctl.openmount(target, dev)
-                try:
-                    ctl.set_timeout(fd, timeout)
-                finally:
-                    if mode is AutofsMode.INDIRECT:
-                        ioctlfd = fd
-                    else:
-                        os.close(fd)
-            except BaseException:
-                umount2(target, UmountFlags.DETACH)
-                raise
+            dev, ioctlfd = mount_owned(
+                ctl, target, w, mode=mode, timeout=timeout, strictexpire=strictexpire, source=source
+            )
         except BaseException:
             os.close(r)
             if own:
@@ -144,25 +198,23 @@ class OwnedAutofsMount:
         am = find_autofs_mount(target)
         own = control is None
         ctl = control or AutofsControl.open()
-        r, w = cls._pipe(pipe_size, nonblocking)
-        fd = -1
+        r, w = request_pipe(pipe_size, nonblocking=nonblocking)
         try:
-            fd = ctl.openmount(target, am.dev)
-            ctl.catatonic(fd)
-            ctl.setpipefd(fd, w)
-            ctl.set_timeout(fd, am.timeout if timeout is None else timeout)
+            fd = adopt_owned(
+                ctl,
+                target,
+                w,
+                dev=am.dev,
+                mode=am.mode,
+                timeout=am.timeout if timeout is None else timeout,
+            )
         except BaseException:
             os.close(r)
-            if fd >= 0:
-                os.close(fd)
             if own:
                 ctl.close()
             raise
         finally:
             os.close(w)
-        if am.mode is not AutofsMode.INDIRECT:
-            os.close(fd)
-            fd = -1
         return cls(target, am.mode, am.dev, r, fd, ctl, own_control=own)
 
     # -- serving -----------------------------------------------------------------------
