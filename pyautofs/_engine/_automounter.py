@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import resource
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 import trio
 
 from .._proto._ledger import NEGATIVE_MAX_ENTRIES, MountLedger
+from .._proto._stats import percentile
 from .._sys._autofs import AutofsControl, ExpireFlags
 from .._sys._mount import AutofsMode
 from ._expire import Expiry
@@ -445,12 +445,10 @@ class Automounter:
 
     def statistics(self) -> AutomounterStatistics:
         """A snapshot of the engine's counters and recent latency percentiles."""
-        lat = sorted(self._latencies)
+        lat = list(self._latencies)
 
-        def pct(p: float) -> float | None:
-            if not lat:
-                return None
-            return lat[min(len(lat) - 1, math.ceil(p * len(lat)) - 1)]
+        def pct(q: float) -> float | None:
+            return percentile(lat, q) if lat else None
 
         return AutomounterStatistics(
             requests=self._requests,

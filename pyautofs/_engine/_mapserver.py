@@ -91,7 +91,7 @@ class MapServer:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.automounter = Automounter(
+        self.automounter: Automounter = Automounter(
             takeover=config.takeover,
             negative_timeout=config.negative_timeout,
             request_timeout=config.request_timeout,
@@ -104,7 +104,7 @@ class MapServer:
         self.mounts: dict[str, MountConfig] = {}
         self._entries: dict[str, MapEntry] = {}
         """Key path -> the multi-mount entry it was mounted from (for its offsets)."""
-        self.foreign = ForeignCalls()
+        self.foreign: ForeignCalls = ForeignCalls()
         self._failure_log = RateLimit()
         self.created_parents: list[str] = []
         """Directories made for mount points' parents, removed again at exit (if empty)."""

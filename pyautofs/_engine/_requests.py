@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 
 import attrs
@@ -31,11 +30,6 @@ class Requester:
         except OSError:
             return None
         return tuple(os.fsdecode(arg) for arg in raw.split(b"\0") if arg) or None
-
-
-class _Kind(enum.Enum):
-    MISSING = "missing"
-    EXPIRE = "expire"
 
 
 @attrs.frozen

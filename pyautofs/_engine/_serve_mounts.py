@@ -40,12 +40,18 @@ class ForeignCalls:
     """
 
     def __init__(self, threads: int = FOREIGN_THREADS) -> None:
-        self.limiter = trio.CapacityLimiter(threads)
+        self.limiter: trio.CapacityLimiter = trio.CapacityLimiter(threads)
         self._lock = threading.Lock()
-        self.abandoned_running = 0
+        self.abandoned_running: int = 0
         """Abandoned calls whose thread has not returned yet (stuck in the kernel)."""
 
     async def run(self, fn: Callable[[threading.Event], _T], what: str) -> _T:
+        """Run ``fn`` in a bounded worker thread; on cancellation, abandon it (not wait).
+
+        ``fn`` gets an event that is set once it has been abandoned, so what it does after
+        its blocking call (a mount that finally went through) can be undone. ``what`` names
+        the call in the log.
+        """
         abandoned = threading.Event()
 
         def call() -> _T:

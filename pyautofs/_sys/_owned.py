@@ -130,14 +130,19 @@ class OwnedAutofsMount:
         own_control: bool = False,
         created_dir: bool = False,
     ) -> None:
-        self.path = path
-        self.mode = mode
-        self.dev = dev
-        self.read_fd = read_fd
-        self.ioctlfd = ioctlfd
+        self.path: str = path
+        """The mount point (absolute)."""
+        self.mode: AutofsMode = mode
+        self.dev: int = dev
+        """The autofs superblock's device number (``st_dev``; the ``dev`` in packets)."""
+        self.read_fd: int = read_fd
+        """The request pipe's read end; -1 once closed."""
+        self.ioctlfd: int = ioctlfd
+        """The kept ioctl fd of an indirect mount; -1 for direct and offset mounts."""
         self._ctl = control
         self._own_ctl = own_control
-        self.created_dir = created_dir
+        self.created_dir: bool = created_dir
+        """Whether :meth:`create` made the mount point (then :meth:`close` removes it)."""
 
     # -- making one --------------------------------------------------------------------
 
