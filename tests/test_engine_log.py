@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from pyautofs._cli._logging import StderrFormatter
-from pyautofs._engine._reader import RequestLog
+from pyautofs._engine._requestlog import RequestLog
 
 LINES = [
     ("mounted", "/mnt/auto", "k\nx\u00e9", 12.4),

@@ -97,6 +97,7 @@ ENGINE_SPLIT = {
         "_automounter.py",
         "_served.py",
         "_reader.py",
+        "_requestlog.py",
         "_setup.py",
         "_expire.py",
         "_upgrade.py",

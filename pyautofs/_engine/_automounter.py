@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import resource
 from collections.abc import Callable, Mapping, Sequence
 
 import trio
@@ -39,13 +38,14 @@ from .._sys._mount import AutofsMode
 from ._expire import Expiry
 from ._handover import HANDOVER_ENV
 from ._lock import EngineLock
-from ._reader import RequestLog
+from ._requestlog import RequestLog
 from ._requests import AutomounterStatistics
 from ._served import ExpireHandler, MountHandler, RequestPipe, ServedMount
 from ._setup import (
     MountPointBusyError,
     close_pipes,
     follow_devices,
+    raise_fd_limit,
     shared_pipe,
     start_mounts,
     teardown,
@@ -68,18 +68,6 @@ UnregisteredHandler = Callable[[str, AutofsMode], MountHandler | None]
 """Given the path and mode of an autofs mount nobody registered, its handler (or None)."""
 _PIPE_SIZE = 1 << 20  # 256 one-page slots: 256 queued requests before the kernel blocks
 _LATENCY_WINDOW = 10_000
-
-
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            return soft
-        return hard
-    return soft
 
 
 class Automounter:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,18 @@ _PACKET_BUFSIZE = 512
 
 class MountPointBusyError(OSError):
     """The mount point is already served by a live automounter (and takeover was not asked)."""
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return soft
+        return hard
+    return soft
 
 
 def new_pipe(pipe_size: int) -> tuple[int, int]:
