@@ -80,6 +80,19 @@ class ServedMount:
             return self.ioctlfd, False
         return ctl.openmount(self.path, self.dev), True
 
+    def attach_control(self, ctl: AutofsControl, timeout_now: int) -> None:
+        """Open the ioctl fd an indirect mount keeps, and set our timeout if the mount's
+        (``timeout_now``) differs: what serving a mount someone else set up begins with."""
+        if self.indirect:
+            self.ioctlfd = ctl.openmount(self.path, self.dev)
+        if self.timeout != timeout_now:
+            fd, opened = self.open_ioctlfd(ctl)
+            try:
+                ctl.set_timeout(fd, self.timeout)
+            finally:
+                if opened:
+                    os.close(fd)
+
     def close_ioctlfd(self) -> None:
         if self.ioctlfd >= 0:
             fd, self.ioctlfd = self.ioctlfd, -1

@@ -276,15 +276,7 @@ def adopt_restored(
     os.set_blocking(fd, False)
     pipe = RequestPipe(fd)
     try:
-        if m.indirect:
-            m.ioctlfd = eng._ctl.openmount(m.path, m.dev)
-        if am.timeout != m.timeout:
-            ioctlfd, opened = m.open_ioctlfd(eng._ctl)
-            try:
-                eng._ctl.set_timeout(ioctlfd, m.timeout)
-            finally:
-                if opened:
-                    os.close(ioctlfd)
+        m.attach_control(eng._ctl, am.timeout)
     except BaseException:
         pipe.close()
         raise

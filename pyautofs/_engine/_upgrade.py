@@ -194,15 +194,7 @@ async def take_over_from_predecessor(
             log.warning("%s: the predecessor passed no pipe for it; mounting it again", m.path)
             continue
         try:
-            if m.indirect:
-                m.ioctlfd = eng._ctl.openmount(m.path, m.dev)
-            if m.timeout != st.timeout:
-                ioctlfd, opened = m.open_ioctlfd(eng._ctl)
-                try:
-                    eng._ctl.set_timeout(ioctlfd, m.timeout)
-                finally:
-                    if opened:
-                        os.close(ioctlfd)
+            m.attach_control(eng._ctl, st.timeout)
         except OSError as exc:
             log.warning("%s: inherited, but: %s", m.path, exc)
         pipes[st.pipe].route(m)

@@ -237,12 +237,15 @@ class OwnedAutofsMount:
         except BlockingIOError:
             return None
 
-    def _answer(self, token: int, status: int) -> None:
+    def _ioctl_fd(self) -> tuple[int, bool]:
+        """``(fd, opened)``: the kept ioctl fd, or one opened for this use (close it)."""
         self._check()
-        fd = self.ioctlfd
-        opened = fd < 0
-        if opened:
-            fd = self._ctl.openmount(self.path, self.dev)
+        if self.ioctlfd >= 0:
+            return self.ioctlfd, False
+        return self._ctl.openmount(self.path, self.dev), True
+
+    def _answer(self, token: int, status: int) -> None:
+        fd, opened = self._ioctl_fd()
         try:
             if status == 0:
                 self._ctl.ready(fd, token)
@@ -285,11 +288,7 @@ class OwnedAutofsMount:
 
     def catatonic(self) -> None:
         """Fail every pending request and stop sending any (the pipe then reads EOF)."""
-        self._check()
-        fd = self.ioctlfd
-        opened = fd < 0
-        if opened:
-            fd = self._ctl.openmount(self.path, self.dev)
+        fd, opened = self._ioctl_fd()
         try:
             self._ctl.catatonic(fd)
         finally:
