@@ -338,3 +338,17 @@ def test_state_decode_ignores_unknown_fields_and_defaults_missing_ones() -> None
         decode_state(json.dumps({"v": 2, "kind": "state", "mounts": [{}]}).encode(), "state")
     with pytest.raises(HandoverError, match="version"):
         decode_state(json.dumps({"v": 1, "kind": "state"}).encode(), "state")
+
+
+def test_a_successor_reads_its_handover_fd_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run() is given the handover socket; the environment is read only when asked to."""
+    from pyautofs import Automounter
+
+    monkeypatch.delenv("PYAUTOFS_HANDOVER_FD", raising=False)
+    assert Automounter.upgrade_fd_from_environment() is None
+    monkeypatch.setenv("PYAUTOFS_HANDOVER_FD", "7")
+    assert Automounter.upgrade_fd_from_environment() == 7
+    assert "PYAUTOFS_HANDOVER_FD" not in os.environ  # no child inherits it
+    monkeypatch.setenv("PYAUTOFS_HANDOVER_FD", "7; rm -rf /")
+    with pytest.raises(ValueError, match="not an fd number"):
+        Automounter.upgrade_fd_from_environment()

@@ -1,6 +1,7 @@
 """Upgrading a running automounter: Automounter.hand_over passes every mount to a fresh
 process started from the code on disk, and no lookup fails, not even one in flight."""
 
+import functools
 import os
 import shutil
 import signal
@@ -40,7 +41,12 @@ async def serve(root: str) -> None:
     with trio.open_signal_receiver(signal.SIGUSR2, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             # A successor finds PYAUTOFS_HANDOVER_FD here and takes the live mounts over.
-            await nursery.start(automounter.run)
+            await nursery.start(
+                functools.partial(
+                    automounter.run,
+                    handover_fd=pyautofs.Automounter.upgrade_fd_from_environment(),
+                )
+            )
             note(root, "serving")
             async for signum in signals:
                 if signum == signal.SIGTERM:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import trio
@@ -36,7 +37,7 @@ from .._proto._stats import percentile
 from .._sys._autofs import AutofsControl, ExpireFlags
 from .._sys._mount import AutofsMode
 from ._expire import Expiry
-from ._handover import HANDOVER_ENV
+from ._handover import HANDOVER_ENV, upgrade_fd_from_environment
 from ._lock import EngineLock
 from ._requestlog import RequestLog
 from ._requests import AutomounterStatistics
@@ -279,6 +280,8 @@ class Automounter:
 
     # -- running -----------------------------------------------------------------------
 
+    upgrade_fd_from_environment = staticmethod(upgrade_fd_from_environment)
+
     async def run(
         self,
         *,
@@ -288,7 +291,8 @@ class Automounter:
         """Mount (or adopt) every registered mount, serve them, and shut down gracefully.
 
         Use ``await nursery.start(automounter.run)``: it returns once every mount is live.
-        Cancel the surrounding scope, or call :meth:`stop`, to shut down.
+        Cancel the surrounding scope, or call :meth:`stop`, to shut down. A successor of
+        :meth:`hand_over` passes ``handover_fd=upgrade_fd_from_environment()``.
         """
         if self._nursery is not None:
             raise RuntimeError("the automounter is already running")
@@ -301,7 +305,9 @@ class Automounter:
                     nursery.start_soon(self._expiry.loop)
                     nursery.start_soon(self._request_log.flusher)
                     if handover_fd is None and HANDOVER_ENV in os.environ:
-                        handover_fd = int(os.environ.pop(HANDOVER_ENV))
+                        msg = f"{HANDOVER_ENV} set: pass handover_fd= (read from the env until 0.2)"
+                        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+                        handover_fd = upgrade_fd_from_environment()
                     if handover_fd is not None:
                         from ._upgrade import take_over_from_predecessor
 

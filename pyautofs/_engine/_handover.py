@@ -41,6 +41,7 @@ from ._fdchannel import FdChannel
 
 __all__ = [
     "HANDOVER_ENV",
+    "upgrade_fd_from_environment",
     "HANDOVER_VERSION",
     "HandoverError",
     "MountState",
@@ -54,6 +55,20 @@ __all__ = [
 HANDOVER_ENV = "PYAUTOFS_HANDOVER_FD"
 """The environment variable that tells a successor which fd is its handover socket."""
 HANDOVER_VERSION = 2
+
+
+def upgrade_fd_from_environment() -> int | None:
+    """The handover socket a predecessor's ``Automounter.hand_over`` passed to this process.
+
+    Reads (and removes, so no child inherits it) ``PYAUTOFS_HANDOVER_FD``; None when this
+    process is no successor. Give the result to ``Automounter.run`` as ``handover_fd``.
+    """
+    value = os.environ.pop(HANDOVER_ENV, None)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{HANDOVER_ENV}={value!r} is not an fd number")
+    return int(value)
 
 
 class HandoverError(ProtocolError):

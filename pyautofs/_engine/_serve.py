@@ -260,7 +260,10 @@ async def serve(
 
                 async def engine(task_status: trio.TaskStatus[Automounter]) -> None:
                     try:
-                        await am.run(task_status=task_status)
+                        await am.run(
+                            handover_fd=Automounter.upgrade_fd_from_environment(),
+                            task_status=task_status,
+                        )
                     finally:
                         nursery.cancel_scope.cancel()
 

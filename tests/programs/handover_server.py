@@ -9,6 +9,7 @@ one JSON line per event to LOGFILE.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -42,7 +43,12 @@ async def main() -> int:
     automounter.add_mount(mountpoint, on_missing)
     successor = os.environ.get("PYAUTOFS_HANDOVER_FD") is not None
     async with trio.open_nursery() as nursery:
-        await nursery.start(automounter.run)
+        await nursery.start(
+            functools.partial(
+                automounter.run,
+                handover_fd=pyautofs.Automounter.upgrade_fd_from_environment(),
+            )
+        )
         log(logfile, event="serving", successor=successor)
         with trio.open_signal_receiver(signal.SIGUSR2, signal.SIGTERM) as signals:
             async for signum in signals:
