@@ -394,7 +394,7 @@ def test_dump_with_a_wrong_owner_pid(area: Path, owners: list[Owner]) -> None:
     )
     owners.append(a)
     a.wait("ready")
-    with pytest.raises(LookupError, match=f"pid {os.getpid()}"):
+    with pytest.raises(ProcessLookupError, match=f"pid {os.getpid()}"):
         dump_autofs_mount(mp, owner_pid=os.getpid())
     assert dump_autofs_mount(mp, owner_pid=a.pid).owner is not None
 

@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
     paths = args.mount_points or None
     try:
         images = dump_autofs_mounts(paths, owner_pid=args.pid)
-    except LookupError as exc:
-        print(f"pyautofs dump: {exc}", file=sys.stderr)
+    except ProcessLookupError as exc:
+        print(f"pyautofs dump: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     if not images:
         print(f"pyautofs dump: process {args.pid} owns no autofs mount here", file=sys.stderr)

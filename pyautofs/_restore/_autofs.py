@@ -171,7 +171,7 @@ def dump_autofs_mount(
 
     Raises ``FileNotFoundError`` when no autofs mount is at ``path``, ``OSError(ENOTSUP)`` on
     a kernel whose mountinfo lacks ``pipe_ino`` (no CONFIG_CHECKPOINT_RESTORE), and
-    ``LookupError`` when ``owner_pid`` holds no read end of the pipe.
+    ``ProcessLookupError`` (``ESRCH``) when ``owner_pid`` holds no read end of the pipe.
     """
     return dump_autofs_mounts([path], owner_pid=owner_pid)[0]
 
@@ -213,7 +213,9 @@ def dump_autofs_mounts(
         if chosen is None and owner_pid is not None and not m.catatonic:
             if paths is None:
                 continue  # not one of owner_pid's mounts
-            raise LookupError(f"pid {owner_pid} holds no read end of {m.mount_point}'s pipe")
+            raise ProcessLookupError(
+                errno.ESRCH, f"pid {owner_pid} holds no read end of the pipe", m.mount_point
+            )
         if paths is None and owner_pid is not None and m.catatonic:
             continue
         out.append(_image(m, holders, chosen, tree.beneath(m.mount_id)))
