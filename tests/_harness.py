@@ -15,17 +15,24 @@ Every wait has a deadline: a hang fails the test, it never stalls the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from pyautofs.lowlevel import AutofsControl, UmountFlags, read_mountinfo, umount2
+from pyautofs.lowlevel import (
+    AutofsControl,
+    OwnedAutofsMount,
+    UmountFlags,
+    read_mountinfo,
+    umount2,
+)
 
 DEADLINE = 20.0
 """Seconds any one step of a test may take (a lookup, a server's start)."""
@@ -217,3 +224,16 @@ def remove_mounts_under(path: str | os.PathLike[str]) -> None:
             umount2(info.mount_point, UmountFlags.DETACH)
         except OSError:
             pass  # went with its parent
+
+
+@contextlib.contextmanager
+def hung_autofs(path: Path) -> Iterator[Path]:
+    """An autofs mount at ``path`` whose requests nobody answers (its pipe is never read).
+
+    On exit what is queued fails with ENOENT, and the mount goes catatonic and away.
+    """
+    mount = OwnedAutofsMount.create(path, nonblocking=True)
+    try:
+        yield path
+    finally:
+        mount.close()

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import hung_autofs as _hung_autofs
 from _harness import lookup, start_serve
 from test_notify import NotifySocket
 
 from pyautofs import __version__
-from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
 from pyautofs._sys._mountinfo import autofs_mounts
 
 PYAUTOFS = [sys.executable, "-m", "pyautofs"]
@@ -327,22 +326,8 @@ def test_second_sigusr2_during_an_upgrade_is_logged_and_ignored(
 @pytest.fixture
 def hung_autofs(tmp_path: Path) -> Iterator[Path]:
     """An autofs mount whose requests nobody ever answers (its pipe is never read)."""
-    path = tmp_path / "hung"
-    path.mkdir()
-    r, w = os.pipe()
-    dev = mount_autofs(str(path), AutofsOptions(fd=w, pgrp=os.getpgrp(), mode=AutofsMode.INDIRECT))
-    os.close(w)
-    try:
+    with _hung_autofs(tmp_path / "hung") as path:
         yield path
-    finally:
-        with AutofsControl.open() as ctl:
-            fd = ctl.openmount(str(path), dev)
-            try:
-                ctl.catatonic(fd)  # every waiter gets ENOENT
-            finally:
-                os.close(fd)
-        os.close(r)
-        umount2(str(path), UmountFlags.DETACH)
 
 
 @pytest.mark.kernel

@@ -8,10 +8,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import _harness
 import pytest
 
-from pyautofs._sys._autofs import AutofsControl
-from pyautofs._sys._mount import AutofsMode, AutofsOptions, UmountFlags, mount_autofs, umount2
 from pyautofs._sys._resolve import open_dir_cached
 
 
@@ -37,23 +36,9 @@ def test_what_it_cannot_say_is_none(tmp_path: Path) -> None:
 
 @pytest.fixture
 def hung_autofs(tmp_path: Path) -> Iterator[Path]:
-    """An autofs mount whose requests nobody answers."""
-    path = tmp_path / "hung"
-    path.mkdir()
-    r, w = os.pipe()
-    dev = mount_autofs(str(path), AutofsOptions(fd=w, pgrp=os.getpgrp(), mode=AutofsMode.INDIRECT))
-    os.close(w)
-    try:
+    """An autofs mount whose requests nobody ever answers (its pipe is never read)."""
+    with _harness.hung_autofs(tmp_path / "hung") as path:
         yield path
-    finally:
-        with AutofsControl.open() as ctl:
-            fd = ctl.openmount(str(path), dev)
-            try:
-                ctl.catatonic(fd)
-            finally:
-                os.close(fd)
-        os.close(r)
-        umount2(str(path), UmountFlags.DETACH)
 
 
 @pytest.mark.kernel
