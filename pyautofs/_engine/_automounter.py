@@ -37,7 +37,8 @@ from .._proto._stats import percentile
 from .._sys._autofs import AutofsControl, ExpireFlags
 from .._sys._mount import AutofsMode
 from ._expire import Expiry
-from ._handover import HANDOVER_ENV, upgrade_fd_from_environment
+from ._handover import HANDOVER_ENV
+from ._handover import upgrade_fd_from_environment as _upgrade_fd_from_environment
 from ._lock import EngineLock
 from ._requestlog import RequestLog
 from ._requests import AutomounterStatistics
@@ -280,7 +281,10 @@ class Automounter:
 
     # -- running -----------------------------------------------------------------------
 
-    upgrade_fd_from_environment = staticmethod(upgrade_fd_from_environment)
+    @staticmethod
+    def upgrade_fd_from_environment() -> int | None:
+        """The handover socket a predecessor passed (PYAUTOFS_HANDOVER_FD, then unset)."""
+        return _upgrade_fd_from_environment()
 
     async def run(
         self,
@@ -307,7 +311,7 @@ class Automounter:
                     if handover_fd is None and HANDOVER_ENV in os.environ:
                         msg = f"{HANDOVER_ENV} set: pass handover_fd= (read from the env until 0.2)"
                         warnings.warn(msg, DeprecationWarning, stacklevel=2)
-                        handover_fd = upgrade_fd_from_environment()
+                        handover_fd = _upgrade_fd_from_environment()
                     if handover_fd is not None:
                         from ._upgrade import take_over_from_predecessor
 
