@@ -505,7 +505,7 @@ def test_made_up_names_under_a_multi_mount_map_cost_no_fds() -> None:
     import shutil
     import tempfile
 
-    from test_serve import start_serve
+    from _harness import start_serve
 
     tmp_path = Path(tempfile.mkdtemp(prefix="pyautofs-fds-"))  # one uid 65534 can walk
     tmp_path.chmod(0o755)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_serve import Server
+from _harness import Server
 
 pytestmark = pytest.mark.kernel
 
@@ -148,7 +148,7 @@ def test_hook_in_a_tree_without_serve_does_nothing() -> None:
 def test_serve_in_its_own_pid_namespace_leads_its_session(tmp_path: Path) -> None:
     """CRIU dumps a pid namespace's tree only if its session leader is inside: serve, run
     as ``unshare --pid --fork`` from a script, makes a session of its own."""
-    from test_serve import start_serve
+    from _harness import start_serve
 
     amap = tmp_path / "auto.map"
     amap.write_text("k -fstype=tmpfs :tmpfs\n")

@@ -4,118 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import Server, lookup
 
 from pyautofs._sys._mountinfo import autofs_mounts
 
 pytestmark = pytest.mark.kernel
-
-
-def lookup(path: Path, *, read: bool = True) -> tuple[int, str]:
-    """Read (or stat) a path from a process in its own session: (errno or 0, content)."""
-    code = (
-        "import os,sys\n"
-        "try:\n"
-        f"    p = {str(path)!r}\n"
-        f"    print(open(p).read() if {read} else os.stat(p).st_dev, end='')\n"
-        "except OSError as e:\n"
-        "    sys.exit(e.errno)"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        start_new_session=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return r.returncode, r.stdout
-
-
-def wait_ready(proc: subprocess.Popen[bytes], ready_r: int, log: Path, timeout: float = 20) -> None:
-    """Wait for ``READY=1`` on the read end of a ``--ready-fd`` pipe (then close it).
-
-    EOF before the line means the server exited (or closed the fd) without becoming ready.
-    """
-    try:
-        deadline = time.monotonic() + timeout
-        data = b""
-        while not data.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            assert left > 0, f"not ready within {timeout} s:\n{log.read_text()}"
-            ready, _, _ = select.select([ready_r], [], [], left)
-            if ready:
-                chunk = os.read(ready_r, 64)
-                assert chunk, f"exited ({proc.wait(timeout=10)}) before READY:\n{log.read_text()}"
-                data += chunk
-        assert data == b"READY=1\n", data
-    finally:
-        os.close(ready_r)
-
-
-def start_serve(
-    log: Path,
-    args: list[str],
-    *,
-    env: dict[str, str] | None = None,
-    wrapper: Sequence[str] = (),
-) -> subprocess.Popen[bytes]:
-    """``pyautofs serve ARGS`` in its own session, returned once it is ready (--ready-fd).
-
-    ``wrapper`` is a command that execs its arguments (say, ``unshare ... sh -c``).
-    """
-    ready_r, ready_w = os.pipe()
-    argv = [*wrapper, sys.executable, "-m", "pyautofs", "serve", "--ready-fd", str(ready_w)]
-    argv += args
-    try:
-        with log.open("w") as err:
-            proc = subprocess.Popen(
-                argv,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                pass_fds=(ready_w,),
-                env=env,
-            )
-    finally:
-        os.close(ready_w)
-    try:
-        wait_ready(proc, ready_r, log)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise
-    return proc
-
-
-class Server:
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.stderr = tmp_path / f"serve-{len(list(tmp_path.glob('serve-*')))}.log"
-        self.proc = start_serve(
-            self.stderr, ["-v", "--lock-dir", str(tmp_path / "locks"), *args], env=env
-        )
-
-    def log(self) -> str:
-        return self.stderr.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
 
 @pytest.fixture

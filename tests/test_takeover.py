@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_serve import Server, lookup
+from _harness import Server, lookup
 
 from pyautofs._sys._mountinfo import autofs_mounts, find_pipe_holders, read_mountinfo
 
