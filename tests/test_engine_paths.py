@@ -321,3 +321,28 @@ async def test_a_short_per_key_timeout_sets_the_pace_of_expiry(tmp_path: Path, s
             # Checked every max(1 s, shortest timeout / 4), not every 40 s / 4 = 10 s.
             assert trio.current_time() - t0 < 6
             assert am.mounted_keys(mnt) == {"long"}
+
+
+async def test_a_v4_request_it_does_not_serve_is_failed_not_left_waiting(
+    tmp_path: Path, src: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adopted protocol-4 mount sends v4 packets; each requester gets EPROTO at once."""
+    from pyautofs.lowlevel import AutofsOptions, mount_autofs
+
+    async def handler(request: pyautofs.MountRequest) -> None:
+        pyautofs.bind_mount(src, request.path)
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        options = AutofsOptions(fd=w, pgrp=os.getpgrp(), minproto=3, maxproto=4)
+        mount_autofs(str(mnt), options)
+    finally:
+        os.close(w)
+        os.close(r)
+    with trio.fail_after(30):
+        async with engine(tmp_path, handler) as am:
+            assert am.mount_points == [str(mnt)]
+            assert await lookups(mnt / "key") == [errno.EPROTO]
+    assert "only v5 is served" in caplog.text

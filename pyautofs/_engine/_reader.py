@@ -36,6 +36,7 @@ from .._proto._escape import printable
 from .._proto._ledger import Verdict
 from .._proto._packets import PacketError, decode_packet
 from .._sys._mount import UmountFlags, umount2
+from .._sys._mountinfo import autofs_mounts
 from ._requests import ExpireRequest, MountRequest, Requester
 from ._served import RequestPipe, ServedMount, Token
 
@@ -92,6 +93,46 @@ def _slow_decode(
     return ptype, p.token, p.dev, p.ino, p.uid, p.gid, p.pid, p.tgid, p.name
 
 
+_HEAD = struct.Struct("=iiII")  # proto version, type, token, and (v5) dev
+
+
+def fail_unserved(eng: Automounter, pipe: RequestPipe, data: bytes) -> None:
+    """Fail (EPROTO) the token of a packet the engine will not serve, where it can.
+
+    A v4 packet, a malformed one or one of an unknown device still holds a requester in the
+    kernel until someone answers. The token is at offset 8 in every packet version; the
+    mount is the one its v5 device names, or the only mount writing to this pipe, or an
+    autofs mount of that device found in mountinfo. Expire packets are answered the same
+    way (the kernel then keeps the key).
+    """
+    if len(data) < 12 or eng._ctl is None:
+        return
+    ctl = eng._ctl
+    version, _ptype, token, dev = _HEAD.unpack_from(data.ljust(16, b"\0"))
+    m = pipe.routes.get(dev) if version == 5 else None
+    if m is None and not pipe.shared and len(pipe.routes) == 1:
+        (m,) = pipe.routes.values()
+    if m is not None:
+        Token(ctl, m, token).answer(-errno.EPROTO)
+        return
+    if version != 5 or not dev:
+        return
+    for am in autofs_mounts():
+        if am.dev != dev:
+            continue
+        try:
+            fd = ctl.openmount(am.mount_point, dev)
+        except OSError:
+            continue
+        try:
+            ctl.fail(fd, token, -errno.EPROTO)
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 async def read_pipe(eng: Automounter, pipe: RequestPipe) -> None:
     """Read ``pipe`` until told to stop; serve each packet (see the module docstring)."""
     fd = pipe.read_fd
@@ -135,17 +176,20 @@ async def read_pipe(eng: Automounter, pipe: RequestPipe) -> None:
                 ):
                     decoded = _slow_decode(data)
                     if decoded is None:
+                        fail_unserved(eng, pipe, data)
                         continue
                     ptype, token, dev, _ino, uid, gid, pid, tgid, name = decoded
             else:
                 decoded = _slow_decode(data)
                 if decoded is None:
+                    fail_unserved(eng, pipe, data)
                     continue
                 ptype, token, dev, _ino, uid, gid, pid, tgid, name = decoded
             m = routes.get(dev)
             if m is None:
                 m = eng._reroute(pipe, dev, name)
                 if m is None:
+                    fail_unserved(eng, pipe, data)
                     continue
             requester = Requester(pid, tgid, uid, gid)
             key = name.decode("utf-8", "surrogateescape") if m.indirect else ""
